@@ -147,8 +147,7 @@ def save_tensors(
             )
         prepared[name] = t.detach().to("cpu").contiguous()
     checksum = _tensor_checksum(
-        (n, _NUMPY_DTYPES[t.dtype][0], tuple(t.shape), _as_bytes(t.numpy()))
-        for n, t in prepared.items()
+        (n, _NUMPY_DTYPES[t.dtype][0], tuple(t.shape), _as_bytes(t.numpy())) for n, t in prepared.items()
     )
     metadata = {"fastcal_key": canonical_json(key), "fastcal_sha256": checksum}
     with atomic_path(path) as tmp:
@@ -199,8 +198,7 @@ def load_tensors(
                 )
         if verify:
             checksum = _tensor_checksum(
-                (n, header[n]["dtype"], tuple(header[n]["shape"]), _as_bytes(a))
-                for n, a in arrays.items()
+                (n, header[n]["dtype"], tuple(header[n]["shape"]), _as_bytes(a)) for n, a in arrays.items()
             )
             if checksum != metadata.get("fastcal_sha256"):
                 return None

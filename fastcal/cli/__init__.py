@@ -34,8 +34,12 @@ def _build_parser(command: str | None) -> argparse.ArgumentParser:
     for name, (module_name, help_text) in COMMANDS.items():
         if name == command:
             module = importlib.import_module(module_name)
-            p = sub.add_parser(name, help=help_text, description=module.__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+            p = sub.add_parser(
+                name,
+                help=help_text,
+                description=module.__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
             module.add_arguments(p)
             p.set_defaults(run=module.run)
         else:
