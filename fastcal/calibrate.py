@@ -1,0 +1,136 @@
+"""Temperature scaling (Guo et al., "On Calibration of Modern Neural Networks", ICML 2017).
+
+One scalar T > 0 divides the logits: p_i = softmax(z_i / T). T minimizes the negative log-likelihood
+on a held-out calibration set,
+
+    F(T) = mean_i [ logsumexp_k(s z_ik) - s z_i,y_i ],   s = 1 / T.
+
+F is convex in s: F'(s) = g(s) = mean_i (E_{p_i}[z_i] - z_i,y_i) and F''(s) = mean_i Var_{p_i}(z_i) >= 0,
+so F has a single basin in u = log T as well. ``fit_temperature`` finds the root of g(e^{-u}) over
+u = log T in float64 by Newton's method with these exact derivatives, safeguarded by bisection on a
+bracket of [log T_MIN, log T_MAX], so it converges for CLIP-scale logits (logit scale 100), for a single
+sample and for any label set (T does not depend on which classes the calibration set has, which is how
+the ICML 2024 study of VLM calibration transfers T across label sets). When F has no minimum inside
+[T_MIN, T_MAX] (e.g. every calibration sample is classified correctly, so F decreases as T -> 0) the
+bound is returned. Known failures this avoids: a float32 finite-difference fit that stalls at T = 1
+(netcal issue #61) and an unconstrained T that turns negative (gpleiss/temperature_scaling issue #31).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fastcal._checks import check_labels, check_number, check_tensor, fail
+
+T_MIN = 1e-4
+T_MAX = 1e4
+_MAX_ITERATIONS = 200
+_TOLERANCE = 1e-12  # on log T
+
+
+def _looks_like_probabilities(logits: torch.Tensor) -> bool:
+    lo, hi = (float(v) for v in torch.aminmax(logits))
+    if lo < 0.0 or hi > 1.0:
+        return False
+    return float((logits.sum(dim=1, dtype=torch.float64) - 1.0).abs().max()) <= 1e-3
+
+
+def _gradient_and_curvature(centered: torch.Tensor, target: torch.Tensor, s: float) -> tuple[float, float]:
+    """g(s) = mean_i (E_p[z_i] - z_i,y) and g'(s) = mean_i Var_p(z_i) with p = softmax(s z_i)."""
+    p = torch.softmax(centered * s, dim=1)
+    mean = (p * centered).sum(dim=1)
+    variance = (p * (centered - mean[:, None]).square()).sum(dim=1)
+    return float((mean - target).mean()), float(variance.mean())
+
+
+def fit_temperature(
+    logits: torch.Tensor, labels: torch.Tensor, *, init: float = 1.0, assume_logits: bool = False
+) -> float:
+    """The temperature T in [T_MIN, T_MAX] minimizing the NLL of softmax(logits / T) (see module doc).
+
+    Args:
+        logits: (N, C) logits, C >= 2 (any dtype; the fit runs in float64).
+        labels: (N,) integers in [0, C).
+        init: starting temperature (> 0); the result does not depend on it, only the iteration count.
+        assume_logits: accept inputs that look like probabilities (entries in [0, 1], rows summing
+            to 1). Temperature scaling of probabilities is almost always a mistake (pass the logits, or
+            their log), so it is refused unless this is True.
+    """
+    check_tensor("logits", logits, ndim=2, floating=True)
+    if logits.shape[1] < 2:
+        raise fail("logits", "at least 2 classes (columns)", f"shape {tuple(logits.shape)}")
+    check_labels("labels", labels, logits.shape[0], logits.shape[1])
+    init = check_number("init", init, minimum=0.0, strict_minimum=True)
+    if not assume_logits and _looks_like_probabilities(logits):
+        raise fail(
+            "logits",
+            "logits (temperature scaling divides logits, not probabilities; pass the logits or "
+            "log-probabilities, or assume_logits=True if these really are logits)",
+            "rows that are probabilities (entries in [0, 1] summing to 1)",
+        )
+    z = logits.detach().to(torch.float64)
+    z = z - z.mean(dim=1, keepdim=True)  # softmax and g are invariant to a per-row shift
+    target = z.gather(1, labels.detach().long().to(z.device)[:, None]).squeeze(1)
+
+    def phi(u: float) -> tuple[float, float]:
+        """g(e^{-u}) and its derivative in u; g decreases in u and vanishes at the optimum."""
+        s = math.exp(-u)
+        g, curvature = _gradient_and_curvature(z, target, s)
+        return g, -s * curvature
+
+    lo, hi = math.log(T_MIN), math.log(T_MAX)
+    if phi(lo)[0] <= 0.0:
+        return T_MIN
+    if phi(hi)[0] >= 0.0:
+        return T_MAX
+    u = min(max(math.log(init), lo), hi)
+    for _ in range(_MAX_ITERATIONS):
+        value, slope = phi(u)
+        if value == 0.0:
+            break
+        if value > 0.0:
+            lo = u
+        else:
+            hi = u
+        step = value / slope if slope < 0.0 else math.inf
+        if abs(step) <= _TOLERANCE:
+            u -= step
+            break
+        u = u - step if lo < u - step < hi else 0.5 * (lo + hi)
+        if hi - lo <= _TOLERANCE:
+            break
+    return math.exp(u)
+
+
+class TemperatureScaler(nn.Module):
+    """``forward(logits) = logits / T``, with T stored as the float64 buffer ``log_temperature``
+    (saved and restored by ``state_dict``). ``fit`` sets T by ``fit_temperature``."""
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        temperature = check_number("temperature", temperature, minimum=0.0, strict_minimum=True)
+        self.register_buffer("log_temperature", torch.tensor(math.log(temperature), dtype=torch.float64))
+
+    @property
+    def temperature(self) -> float:
+        return math.exp(float(self.log_temperature))
+
+    @torch.no_grad()
+    def fit(
+        self, logits: torch.Tensor, labels: torch.Tensor, *, assume_logits: bool = False
+    ) -> TemperatureScaler:
+        """Fit T on calibration ``logits`` (N, C) and ``labels`` (N,); return this module."""
+        temperature = fit_temperature(logits, labels, init=self.temperature, assume_logits=assume_logits)
+        self.log_temperature.fill_(math.log(temperature))
+        return self
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        """Scaled logits (same shape and dtype; the class dimension is the last)."""
+        check_tensor("logits", logits, floating=True, finite=False)
+        return logits / torch.exp(self.log_temperature).to(device=logits.device, dtype=logits.dtype)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature:.6g}"
