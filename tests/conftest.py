@@ -10,6 +10,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import pytest
 import torch
 
+from fastcal._io import default_cache_dir
+
 
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
@@ -23,3 +25,32 @@ def cache_dir(tmp_path, monkeypatch):
     path = tmp_path / "cache"
     monkeypatch.setenv("FASTCAL_CACHE", str(path))
     return path
+
+
+# The user's fastcal cache as the session starts (before any test points $FASTCAL_CACHE elsewhere).
+_USER_TESTBED_CACHE = default_cache_dir() / "testbed"
+
+
+@pytest.fixture(scope="session")
+def testbed_clip():
+    """The pretrained testbed CLIP (``fastcal.models.testbed.load_testbed_clip``), shared by the session.
+
+    Read from the user's cache (``$FASTCAL_CACHE`` or ``~/.cache/fastcal``, as the session started), so
+    the full pretraining (about 10 s of CPU time) runs once per machine, not once per test run.
+    Treat it as read-only: deep-copy the model before changing it.
+    """
+    from fastcal.models.testbed import load_testbed_clip
+
+    return load_testbed_clip(cache_dir=_USER_TESTBED_CACHE, progress=False)
+
+
+@pytest.fixture
+def testbed_cache(testbed_clip, cache_dir):
+    """A private cache (the ``cache_dir`` fixture) that holds the session's testbed weights (a link), so
+    commands loading the testbed from ``$FASTCAL_CACHE`` find it without pretraining again."""
+    from fastcal.models.testbed import cached_testbed_path
+
+    target = cached_testbed_path(cache_dir=cache_dir / "testbed")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(cached_testbed_path(cache_dir=_USER_TESTBED_CACHE))
+    return cache_dir
