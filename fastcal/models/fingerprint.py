@@ -2,9 +2,9 @@
 
 ``model_fingerprint`` is the SHA-256 over every parameter and buffer (registration order): its name,
 shape, dtype and raw bytes. Equal weights give equal fingerprints whatever the device; any changed value
-changes it. Hashing costs one pass over the weights (about a second for ViT-B/32 on CPU), so the result
-is remembered per model for as long as no tensor of it is modified in place (``Tensor._version``) or
-replaced.
+changes it. Hashing costs one pass over the weights (about a second for ViT-B/32 on CPU); it is not
+memoized, because some in-place updates (fused optimizers, ``.data`` writes) leave ``Tensor._version``
+alone and a stale fingerprint would silently reuse features of other weights. Call it once per run.
 """
 
 from __future__ import annotations
@@ -12,14 +12,10 @@ from __future__ import annotations
 import hashlib
 import inspect
 import itertools
-import weakref
 from typing import Any
 
 import torch
 from torch import nn
-
-_MEMO: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
-
 
 def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return list(
@@ -33,22 +29,13 @@ def model_fingerprint(model: nn.Module) -> str:
     """Hex SHA-256 of the names, shapes, dtypes and values of ``model``'s parameters and buffers."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    named = _named_tensors(model)
-    state = tuple(
-        (name, id(t), t._version, t.data_ptr(), t.dtype, tuple(t.shape), str(t.device)) for name, t in named
-    )
-    memo = _MEMO.get(model)
-    if memo is not None and memo[0] == state:
-        return memo[1]
     digest = hashlib.sha256()
     with torch.no_grad():
-        for name, tensor in named:
+        for name, tensor in _named_tensors(model):
             digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
             raw = tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu()
             digest.update(memoryview(raw.numpy()))
-    result = digest.hexdigest()
-    _MEMO[model] = (state, result)
-    return result
+    return digest.hexdigest()
 
 
 def _describe(obj: Any) -> str:

@@ -78,20 +78,20 @@ def test_base_and_new_classes_are_the_protocol_halves(splits):
     assert base.splits.classnames == ["zero", "one", "two", "three", "four"]
 
 
-def test_shift_inverts_tints_and_shears():
+def test_shift_tints_and_shears():
     size = TESTBED_IMAGE_SIZE
-    # A uniform grey image: away from the sheared-in border it becomes round((255 - v) * tint).
-    flat = shift_image(Image.new("RGB", (size, size), (40, 40, 40)))
+    # A uniform grey image: away from the sheared-in border it becomes round(v * tint).
+    flat = shift_image(Image.new("RGB", (size, size), (140, 140, 140)))
     centre = np.asarray(flat)[size // 2, size // 2]
-    assert centre.tolist() == [round(215 * t) for t in SHIFT_TINT]
+    assert centre.tolist() == [round(140 * t) for t in SHIFT_TINT]
     # A bright vertical line at column x0 is read from x + shear * (y - H/2): it moves by -shear * dy.
     line = np.zeros((size, size, 3), dtype=np.uint8)
     line[:, 16] = 255
     out = np.asarray(shift_image(Image.fromarray(line)))[..., 0].astype(float)
-    darkest = out.argmin(axis=1)
+    brightest = out.argmax(axis=1)
     for y in (4, 16, 28):
-        assert abs(darkest[y] - (16 - SHIFT_SHEAR * (y + 0.5 - size / 2))) <= 1.0
-    assert out.max() == 255 and out.min() < 20
+        assert abs(brightest[y] - (16 - SHIFT_SHEAR * (y + 0.5 - size / 2))) <= 1.0
+    assert out.max() > 200 and out.min() == 0
 
 
 def test_shifted_items_keep_labels_and_are_deterministic(splits, tmp_path):
