@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+
 def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return list(
         itertools.chain(

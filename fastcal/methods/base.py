@@ -1,0 +1,177 @@
+"""What every prompt-tuning method shares: which parts are tuned, how logits are formed, the registry.
+
+A method is a ``PromptMethod``: a frozen CLIP plus the modules it tunes (prompt learners, a meta-net,
+visual prompts), and a ``forward`` that maps a batch to ``MethodOutput``::
+
+    f_i = normalize(image features),  t_c = normalize(class text features)
+    logits_ic = exp(logit_scale) * <f_i, t_c>          (CLIP, Radford et al. 2021; CoOp's CustomCLIP)
+
+Per-image class features ``t_ic`` (CoCoOp) give ``logits_ic = exp(logit_scale) * <f_i, t_ic>``.
+
+``input_kind`` says what ``forward`` takes: ``"features"`` (the image encoder is frozen and unprompted,
+so the trainer feeds cached image features: CoOp, CoCoOp, KgCoOp) or ``"images"`` (the image encoder
+runs with learned prompts: VPT, MaPLe). The CLIP weights are frozen (``requires_grad=False``) when the
+method is built; only the method's own parameters train, and only they are saved
+(``tuned_state_dict``).
+
+``MethodSpec`` ties a method's name to its builder, its published base-to-new recipe (config values with
+the source they were read from) and the regularizers it always adds (KgCoOp's knowledge guidance).
+``get_method(name)`` imports the method's module on demand.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastcal._checks import check_choice, check_tensor, fail
+
+INPUT_KINDS = ("features", "images")
+
+# name -> module defining SPEC; a method registers by adding one line here.
+METHOD_MODULES: dict[str, str] = {
+    "coop": "fastcal.methods.coop",
+    "cocoop": "fastcal.methods.cocoop",
+    "kgcoop": "fastcal.methods.kgcoop",
+    "maple": "fastcal.methods.maple",
+    "vpt": "fastcal.methods.vpt",
+}
+
+
+class MethodOutput(NamedTuple):
+    """A method's forward: scaled ``logits`` (B, C), L2-normalized ``image_features`` (B, D) and
+    ``text_features`` ((C, D), or (B, C, D) per image), and the scale ``exp(logit_scale)`` (0-dim)."""
+
+    logits: torch.Tensor
+    image_features: torch.Tensor
+    text_features: torch.Tensor
+    logit_scale: torch.Tensor
+
+
+def clip_logits(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+) -> MethodOutput:
+    """Normalize both sides and form ``exp(logit_scale) * cos``; ``logit_scale`` is CLIP's log-scale.
+
+    Computed in float32, or float64 when an input is float64 (half-precision features are upcast).
+
+    ``text_features`` is (C, D), shared by all images, or (B, C, D), one classifier per image.
+    """
+    dtype = torch.promote_types(torch.promote_types(image_features.dtype, text_features.dtype), torch.float32)
+    f = F.normalize(image_features.to(dtype), dim=-1)
+    t = F.normalize(text_features.to(dtype), dim=-1)
+    scale = logit_scale.to(dtype).exp()
+    logits = scale * (f @ t.T if t.ndim == 2 else torch.einsum("bd,bcd->bc", f, t))
+    return MethodOutput(logits, f, t, scale)
+
+
+class PromptMethod(nn.Module):
+    """Base class: a frozen CLIP (``self.clip_model``) and the modules a method tunes.
+
+    Subclasses set ``input_kind`` and implement ``forward(inputs) -> MethodOutput`` and
+    ``set_classnames``; frozen-image methods get ``encode_images`` for free.
+    """
+
+    input_kind: str = "features"
+    # True when every image has its own class features (CoCoOp): evaluation batches then hold
+    # B * C prompts, and the trainer sizes them by that.
+    per_image_prompts: bool = False
+
+    def __init__(self, clip_model: nn.Module) -> None:
+        super().__init__()
+        if not hasattr(clip_model, "encode_image") or not hasattr(clip_model, "logit_scale"):
+            raise TypeError(f"clip_model: expected an open_clip CLIP, got {type(clip_model).__name__}")
+        clip_model.requires_grad_(False)
+        self.clip_model = clip_model
+
+    def train(self, mode: bool = True) -> PromptMethod:
+        """Train mode for the method's own modules; the frozen CLIP stays in eval mode."""
+        super().train(mode)
+        self.clip_model.eval()
+        return self
+
+    @property
+    def classnames(self) -> list[str]:
+        raise NotImplementedError
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Switch to another class set (base -> new, another dataset); tuned parameters are kept."""
+        raise NotImplementedError
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Image features (B, D), unnormalized, as this method sees them (frozen encoder by default)."""
+        return self.clip_model.encode_image(images)
+
+    def tuned_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of every parameter that trains."""
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def tuned_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tuned parameters only (what a saved prompt holds), detached copies on the CPU."""
+        return {n: p.detach().cpu().clone() for n, p in self.tuned_parameters()}
+
+    def load_tuned_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load ``tuned_state_dict`` output; the names must match exactly."""
+        own = dict(self.tuned_parameters())
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise fail(
+                "state", f"the tuned parameters {sorted(own)}", f"missing {missing}, unexpected {unexpected}"
+            )
+        with torch.no_grad():
+            for name, p in own.items():
+                value = state[name]
+                if tuple(value.shape) != tuple(p.shape):
+                    raise fail(f"state[{name!r}]", f"shape {tuple(p.shape)}", tuple(value.shape))
+                p.copy_(value)
+
+    def check_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Validate a batch: (B, D) features or (B, 3, H, W) images, per ``input_kind``."""
+        check_choice("input_kind", self.input_kind, INPUT_KINDS)
+        if self.input_kind == "features":
+            return check_tensor("image_features", inputs, ndim=2, floating=True, finite=False)
+        return check_tensor("images", inputs, ndim=4, floating=True, finite=False)
+
+    def forward(self, inputs: torch.Tensor) -> MethodOutput:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method as the trainer and CLI see it.
+
+    Attributes:
+        name: the ``--method`` name.
+        title: how tables name it.
+        build: ``build(model, tokenizer, classnames, **options) -> PromptMethod``.
+        options: the config keys ``build`` takes (passed from the run's config).
+        recipe: config defaults from the method's published base-to-new recipe.
+        source: where the recipe's numbers come from (repository and config file).
+        regularizers: regularizers the method always uses (by registry name), e.g. KgCoOp's.
+        testbed_recipe: what replaces recipe values on the embedded testbed (a tiny 3-layer CLIP on a
+            2-core CPU): a short schedule and prompt depths that fit its towers.
+    """
+
+    name: str
+    title: str
+    build: Callable[..., PromptMethod]
+    options: tuple[str, ...]
+    recipe: Mapping[str, Any]
+    source: str
+    regularizers: tuple[str, ...] = field(default=())
+    testbed_recipe: Mapping[str, Any] = field(default_factory=dict)
+
+
+def get_method(name: str) -> MethodSpec:
+    """The ``MethodSpec`` of ``name`` (one of ``METHOD_MODULES``)."""
+    check_choice("method", name, METHOD_MODULES)
+    spec = importlib.import_module(METHOD_MODULES[name]).SPEC
+    if not isinstance(spec, MethodSpec) or spec.name != name:
+        raise TypeError(f"{METHOD_MODULES[name]}.SPEC: expected the MethodSpec of {name!r}")
+    return spec

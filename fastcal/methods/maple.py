@@ -1,0 +1,155 @@
+"""MaPLe: multi-modal prompt learning (Khattak et al., CVPR 2023; github.com/muzairkhattak/multimodal-
+prompt-learning ``trainers/maple.py``, ``clip/model.py``).
+
+Prompts in both towers, coupled: the text side learns a context ``v`` (``n`` tokens, the first ``n``
+tokens of "a photo of a" at initialization, the rest of the phrase kept as words) and deep text
+prompts ``T_1..T_{d-1}`` (N(0, 0.02^2)); the vision side gets no parameters of its own, its prompts are
+projections of the text ones, ``V_0 = F_0(v)``, ``V_k = F_k(T_k)`` with linear coupling functions
+``F_k`` (text width -> vision width; the reference initializes ``F_1..F_{d-1}`` as copies of one layer)::
+
+    t_c = f_text([SOS] v [of a] [name_c] [.] [EOS]; positions 1..n replaced by T_k before layer k)
+    f_i = f_image(x_i; V_0 .. V_{d-1})                       (``fastcal.models.vision_prompts``)
+    logits_ic = exp(logit_scale) * cos(f_i, t_c)
+
+The text goes through the exact truncated encoder (``TextEncoder.encode_embeddings`` with
+``deep_prompts``); the image encoder runs every step (its prompts change).
+
+Base-to-new recipe: muzairkhattak/multimodal-prompt-learning ``configs/trainers/MaPLe/vit_b16_c2_ep5_
+batch4_2ctx.yaml`` (``scripts/maple/base2new_train_maple.sh``): ViT-B/16, 16 shots, ``N_CTX: 2``,
+``CTX_INIT: "a photo of a"``, ``PROMPT_DEPTH: 9``, SGD lr 0.0035, batch 4, 5 epochs, cosine after 1
+constant warm-up epoch at 1e-5.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastcal._checks import check_int, fail
+from fastcal.methods.base import MethodOutput, MethodSpec, PromptMethod, clip_logits
+from fastcal.methods.prompt_learner import PromptLearner
+from fastcal.models.text_encoder import TextEncoder
+from fastcal.models.vision_prompts import prompted_image_features, vision_tower
+
+RECIPE = {
+    "epochs": 5,
+    "batch_size": 4,
+    "lr": 0.0035,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "warmup_epochs": 1,
+    "warmup_lr": 1e-5,
+    "n_ctx": 2,
+    "ctx_init": "a photo of a",
+    "prompt_depth": 9,
+}
+SOURCE = (
+    "muzairkhattak/multimodal-prompt-learning configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml "
+    "(scripts/maple/base2new_train_maple.sh)"
+)
+# The reference initializes the phrase's first n tokens only while n <= 4 (else random "X" context).
+MAX_PHRASE_CTX = 4
+
+
+class MaPLe(PromptMethod):
+    """Coupled deep prompts in the text and image towers (module docstring).
+
+    Args:
+        model: an open_clip CLIP with a ViT image tower (frozen here).
+        tokenizer: its tokenizer.
+        classnames: the classes.
+        n_ctx: context tokens per layer, in both towers.
+        ctx_init: the phrase whose first ``n_ctx`` tokens initialize the context (``None`` or ``n_ctx >
+            4``: random N(0, init_std^2), as the reference).
+        prompt_depth: layers with prompts (1 = shallow: context and its projection only); at most the
+            number of layers of the shallower tower.
+        init_std: standard deviation of the random initializations.
+    """
+
+    input_kind = "images"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        classnames: Sequence[str],
+        *,
+        n_ctx: int = 2,
+        ctx_init: str | None = "a photo of a",
+        prompt_depth: int = 9,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__(model)
+        check_int("n_ctx", n_ctx, minimum=1)
+        check_int("prompt_depth", prompt_depth, minimum=1)
+        text_encoder = TextEncoder(model, bucket=True)
+        tower = vision_tower(model)
+        layers = min(len(tower.transformer.resblocks), len(model.transformer.resblocks))
+        if prompt_depth > layers:
+            raise fail("prompt_depth", f"at most {layers} (the layers of the shallower tower)", prompt_depth)
+        if ctx_init and n_ctx <= MAX_PHRASE_CTX:
+            self.prompt_learner = PromptLearner(
+                text_encoder, tokenizer, classnames, ctx_init=ctx_init, n_learned=n_ctx, init_std=init_std
+            )
+        else:
+            self.prompt_learner = PromptLearner(
+                text_encoder, tokenizer, classnames, n_ctx=n_ctx, init_std=init_std
+            )
+        text_width = self.prompt_learner.ctx_dim
+        vision_width = tower.class_embedding.shape[-1]
+        device = self.prompt_learner.ctx.device
+        self.proj = nn.Linear(text_width, vision_width).to(device)
+        self.compound_prompts_text = nn.ParameterList(
+            [
+                nn.Parameter(torch.empty(n_ctx, text_width, device=device).normal_(0.0, init_std))
+                for _ in range(prompt_depth - 1)
+            ]
+        )
+        coupling = nn.Linear(text_width, vision_width).to(device)
+        self.compound_prompt_projections = nn.ModuleList(
+            [copy.deepcopy(coupling) for _ in range(prompt_depth - 1)]
+        )
+
+    @property
+    def classnames(self) -> list[str]:
+        return self.prompt_learner.classnames
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        self.prompt_learner.set_classnames(classnames)
+
+    def text_features(self) -> torch.Tensor:
+        """Class text features (C, D) with the context and the deep text prompts."""
+        learner = self.prompt_learner
+        return learner.text_encoder.encode_embeddings(
+            learner.prompt_embeddings(), learner.token_ids, deep_prompts=list(self.compound_prompts_text)
+        )
+
+    def visual_prompts(self) -> list[torch.Tensor]:
+        """``[F_0(v), F_1(T_1), ...]``: the image tower's prompts, one (n, vision width) per layer."""
+        deep = [
+            f(t) for f, t in zip(self.compound_prompt_projections, self.compound_prompts_text, strict=True)
+        ]
+        return [self.proj(self.prompt_learner.ctx), *deep]
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return prompted_image_features(self.clip_model, images, self.visual_prompts())
+
+    def forward(self, images: torch.Tensor) -> MethodOutput:
+        """``images`` (B, 3, H, W) -> logits (B, C)."""
+        self.check_inputs(images)
+        return clip_logits(self.encode_images(images), self.text_features(), self.clip_model.logit_scale)
+
+
+SPEC = MethodSpec(
+    name="maple",
+    title="MaPLe",
+    build=MaPLe,
+    options=("n_ctx", "ctx_init", "prompt_depth", "init_std"),
+    recipe=RECIPE,
+    source=SOURCE,
+    testbed_recipe={"epochs": 10, "batch_size": 8, "lr": 0.02, "prompt_depth": 3},
+)

@@ -1,0 +1,523 @@
+"""The thin training loop: build the method, run the epochs, checkpoint, evaluate, write the results.
+
+Optimization follows Dassl as CoOp, CoCoOp, KgCoOp, MaPLe and VPT run it (KaiyangZhou/Dassl.pytorch
+``dassl/optim``): SGD (momentum, weight decay, no dampening) over the tuned parameters only, and a
+learning rate per epoch ``e`` of::
+
+    lr(e) = warmup_lr                                                   e <  warmup_epochs
+    lr(e) = lr * (1 + cos(pi * (e - warmup_epochs) / epochs)) / 2        e >= warmup_epochs
+
+(``ConstantWarmupScheduler`` over ``CosineAnnealingLR(T_max=epochs)`` with the warm-up recounted),
+stepped once per epoch. On CUDA with ``amp`` the forward runs under fp16 autocast with a gradient
+scaler.
+
+Frozen image encoders (CoOp, CoCoOp, KgCoOp) never run in the loop: each epoch reads that epoch's
+cached augmented features (``fastcal.models.cache.image_features``); prompted ones (VPT, MaPLe) encode
+the epoch's seeded views. Text always goes through the exact truncated encoder of the prompt learner.
+Per-step statistics stay on the device and are read once per epoch.
+
+Every epoch ends with an atomic checkpoint (``checkpoint.pt``: tuned parameters, optimizer, scheduler,
+scaler, regularizer states, every random generator, the history); ``resume=True`` continues from it and
+gives the same result as an uninterrupted run. At the end: ``results.json`` (``{"base": report, "new":
+report, "hm": {"accuracy"}, "config": ...}``, or ``{"all": report, ...}``; each report is
+``fastcal.metrics.calibration_report`` with ``n_bins`` recorded), ``reliability_<group>.png`` and the
+learned prompt ``prompt.pt`` (for ``fastcal eval``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from fastcal._checks import fail
+from fastcal._io import atomic_path, write_json_atomic
+from fastcal.data.items import DatasetSplits, ImageListDataset
+from fastcal.methods.base import MethodSpec, PromptMethod, get_method
+from fastcal.models.clip import LoadedClip
+from fastcal.train.config import RESUME_FREE_KEYS, TrainConfig
+from fastcal.train.data import (
+    RunData,
+    SeededViews,
+    epoch_batches,
+    feature_cache_dir,
+    load_clip_for,
+    load_splits_for,
+    run_data,
+    train_transform_for,
+)
+from fastcal.train.objectives import RegularizerSetup, StepBatch, build_loss, build_regularizers
+
+CHECKPOINT_NAME = "checkpoint.pt"
+PROMPT_NAME = "prompt.pt"
+RESULTS_NAME = "results.json"
+PROMPT_FORMAT = 1
+# Evaluation batches of per-image-prompt methods (CoCoOp) hold about this many prompts.
+EVAL_PROMPTS_PER_BATCH = 4096
+
+
+def learning_rate_factor(
+    epoch: int, *, epochs: int, lr: float, warmup_epochs: int, warmup_lr: float
+) -> float:
+    """``lr(epoch) / lr`` of the schedule in the module docstring."""
+    if epoch < warmup_epochs:
+        return warmup_lr / lr
+    return 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    """``2ab / (a + b)`` (0 when both are 0): CoCoOp's HM of base and new accuracy."""
+    return 0.0 if a + b == 0 else 2.0 * a * b / (a + b)
+
+
+def frozen_class_features(clip: LoadedClip, classnames: list[str], templates: list[str], config: TrainConfig):
+    """L2-normalized zero-shot class features of ``config.frozen_templates`` (cached)."""
+    from fastcal.models.cache import class_text_features
+
+    chosen = templates[:1] if config.frozen_templates == "hard" else templates
+    return class_text_features(
+        clip.model, clip.tokenizer, classnames, chosen, cache_dir=feature_cache_dir(config.cache_dir)
+    )
+
+
+def build_method(
+    spec: MethodSpec, clip: LoadedClip, classnames: list[str], options: dict[str, Any]
+) -> PromptMethod:
+    return spec.build(clip.model, clip.tokenizer, classnames, **options)
+
+
+def method_options(spec: MethodSpec, config: TrainConfig) -> dict[str, Any]:
+    values = config.to_dict()
+    return {key: values[key] for key in spec.options}
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+
+
+@dataclass
+class Run:
+    """Everything a training run holds while it trains."""
+
+    config: TrainConfig
+    spec: MethodSpec
+    clip: LoadedClip
+    data: RunData
+    method: PromptMethod
+    device: torch.device
+    model_key: str
+    frozen: torch.Tensor
+    loss: Any
+    regularizers: list[Any]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp: bool
+    train_transform: Any
+
+
+def prepare(
+    config: TrainConfig, *, clip: LoadedClip | None = None, splits: DatasetSplits | None = None
+) -> Run:
+    """Resolve the config, load model and data, build the method, its objective and optimizer."""
+    from fastcal.models.fingerprint import model_fingerprint
+
+    config = config.resolved()
+    spec = get_method(config.method)
+    device = resolve_device(config.device)
+    clip = clip if clip is not None else load_clip_for(config)
+    clip.model.to(device)
+    splits = splits if splits is not None else load_splits_for(config)
+    data = run_data(splits, shots=config.shots, seed=config.seed, protocol=config.protocol)
+
+    _seed_everything(config.seed)
+    method = build_method(spec, clip, data.train_classnames, method_options(spec, config)).to(device)
+    frozen = frozen_class_features(clip, data.train_classnames, data.templates, config).to(device)
+
+    def setup(name: str) -> RegularizerSetup:
+        return RegularizerSetup(
+            name=name,
+            method_name=spec.name,
+            method=method,
+            model=clip.model,
+            tokenizer=clip.tokenizer,
+            classnames=data.train_classnames,
+            templates=data.templates,
+            frozen_text_features=frozen,
+            options=dict(config.regularizer_options.get(name, {})),
+            config=config.to_dict(),
+            seed=config.seed,
+            device=device,
+            cache_dir=config.cache_dir,
+            progress=config.progress,
+            extras={"eval_classnames": {group.name: list(group.classnames) for group in data.groups}},
+        )
+
+    regularizers = build_regularizers([*spec.regularizers, *config.regularizers], setup)
+    params = [p for _, p in method.tuned_parameters()]
+    optimizer = torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, dampening=0.0
+    )
+
+    def factor(epoch: int) -> float:
+        return learning_rate_factor(
+            epoch,
+            epochs=config.epochs,
+            lr=config.lr,
+            warmup_epochs=config.warmup_epochs,
+            warmup_lr=config.warmup_lr,
+        )
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    amp = bool(config.amp and device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    return Run(
+        config=config,
+        spec=spec,
+        clip=clip,
+        data=data,
+        method=method,
+        device=device,
+        model_key=model_fingerprint(clip.model),
+        frozen=frozen,
+        loss=build_loss(config.to_dict()),
+        regularizers=regularizers,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        amp=amp,
+        train_transform=train_transform_for(config, clip),
+    )
+
+
+# ---- one epoch -------------------------------------------------------------------------------------
+def _epoch_inputs(run: Run, epoch: int) -> tuple[Any, torch.Tensor | None]:
+    """Frozen image encoder: this epoch's cached features and labels on the device. Prompted: the
+    epoch's seeded views (a dataset) and ``None``."""
+    config = run.config
+    dataset = ImageListDataset(run.data.train_items, run.data.train_classnames, run.train_transform)
+    if config.augment:
+        view_epoch = epoch if config.augment_epochs is None else epoch % config.augment_epochs
+    else:
+        view_epoch = None
+    if run.method.input_kind == "images":
+        return SeededViews(dataset, view_epoch), None
+    from fastcal.models.cache import image_features
+    from fastcal.models.fingerprint import transform_fingerprint
+
+    with torch.no_grad():
+        features, labels = image_features(
+            run.clip.model.encode_image,
+            dataset,
+            model_key=run.model_key,
+            transform_key=transform_fingerprint(run.train_transform),
+            epoch=view_epoch,
+            cache_dir=feature_cache_dir(config.cache_dir),
+            progress=config.progress,
+        )
+    return features.to(run.device), labels.to(run.device)
+
+
+def _batches(run: Run, epoch: int, inputs: Any, labels: torch.Tensor | None):
+    config = run.config
+    n = len(run.data.train_items)
+    batches = epoch_batches(n, config.batch_size, seed=config.seed, epoch=epoch)
+    if labels is not None:
+        for index in batches:
+            index = index.to(run.device)
+            yield inputs[index], labels[index]
+        return
+    loader = DataLoader(inputs, batch_sampler=[b.tolist() for b in batches], num_workers=config.num_workers)
+    for images, batch_labels in loader:
+        yield images.to(run.device), torch.as_tensor(batch_labels).to(run.device)
+
+
+def train_epoch(run: Run, epoch: int) -> dict[str, float]:
+    """One pass over the training set; returns the epoch's mean loss, accuracy and learning rate."""
+    for regularizer in run.regularizers:
+        regularizer.on_epoch_start(epoch)
+    inputs, labels = _epoch_inputs(run, epoch)
+    run.method.train()
+    loss_sum = torch.zeros((), device=run.device)
+    correct = torch.zeros((), dtype=torch.long, device=run.device)
+    seen = 0
+    lr = run.optimizer.param_groups[0]["lr"]
+    for batch_inputs, batch_labels in _batches(run, epoch, inputs, labels):
+        with torch.autocast(run.device.type, dtype=torch.float16, enabled=run.amp):
+            output = run.method(batch_inputs)
+            batch = StepBatch(output, batch_labels, run.method, run.frozen, epoch)
+            loss = run.loss(batch)
+            for regularizer in run.regularizers:
+                loss = loss + regularizer(batch)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        n = batch_labels.shape[0]
+        loss_sum += loss.detach().float() * n
+        correct += (output.logits.detach().argmax(dim=1) == batch_labels).sum()
+        seen += n
+    run.scheduler.step()
+    return {
+        "epoch": epoch + 1,
+        "loss": float(loss_sum) / max(seen, 1),
+        "accuracy": int(correct) / max(seen, 1),
+        "lr": lr,
+    }
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict(
+    method: PromptMethod,
+    clip: LoadedClip,
+    items: list,
+    classnames: list[str],
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+    cache_dir: Any = None,
+    progress: bool = False,
+    num_workers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities (N, C) and labels (N,) of ``items`` over ``classnames`` (eval transform).
+
+    The method is switched to ``classnames`` (its tuned parameters are kept) and left there.
+    """
+    method.eval()
+    method.set_classnames(classnames)
+    if method.per_image_prompts:
+        batch_size = max(1, min(batch_size, EVAL_PROMPTS_PER_BATCH // len(classnames)))
+    probs = []
+    if method.input_kind == "features":
+        from fastcal.methods.zeroshot import encode_images
+
+        features, labels = encode_images(
+            clip, items, classnames, cache_dir=feature_cache_dir(cache_dir), progress=progress
+        )
+        for chunk in features.split(batch_size):
+            probs.append(method(chunk.to(device)).logits.float().softmax(dim=-1).cpu())
+        return torch.cat(probs), labels
+    dataset = ImageListDataset(items, classnames, clip.eval_transform)
+    labels = []
+    for images, batch_labels in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
+        probs.append(method(images.to(device)).logits.float().softmax(dim=-1).cpu())
+        labels.append(torch.as_tensor(batch_labels))
+    return torch.cat(probs), torch.cat(labels)
+
+
+def evaluate_groups(run: Run, output: Path | None) -> dict[str, Any]:
+    """Reports per evaluation group (+ HM for base/new) and reliability diagrams in ``output``."""
+    from fastcal.metrics import calibration_report, reliability_diagram
+
+    config = run.config
+    results: dict[str, Any] = {}
+    for group in run.data.groups:
+        probs, labels = predict(
+            run.method,
+            run.clip,
+            group.items,
+            group.classnames,
+            device=run.device,
+            batch_size=config.eval_batch_size,
+            cache_dir=config.cache_dir,
+            progress=config.progress,
+            num_workers=config.num_workers,
+        )
+        results[group.name] = calibration_report(probs, labels, n_bins=config.n_bins)
+        if output is not None:
+            import matplotlib.pyplot as plt
+
+            title = f"{run.spec.title} ({config.loss}) on {run.data.name}, {group.name} classes"
+            figure = reliability_diagram(
+                probs,
+                labels,
+                n_bins=config.n_bins,
+                path=output / f"reliability_{group.name}.png",
+                title=title,
+            )
+            plt.close(figure)
+    run.method.set_classnames(run.data.train_classnames)
+    if "base" in results and "new" in results:
+        results["hm"] = {"accuracy": harmonic_mean(results["base"]["accuracy"], results["new"]["accuracy"])}
+    return results
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+def _save_torch(path: Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_checkpoint(run: Run, path: Path, epochs_done: int, history: list[dict[str, Any]]) -> None:
+    _save_torch(
+        path,
+        {
+            "epochs_done": epochs_done,
+            "tuned": run.method.tuned_state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "regularizers": {r.name: r.state_dict() for r in run.regularizers},
+            "rng": _rng_state(),
+            "history": history,
+            "config": run.config.to_dict(),
+        },
+    )
+
+
+def load_checkpoint(run: Run, path: Path) -> tuple[int, list[dict[str, Any]]]:
+    """Restore ``run`` from ``path``; returns (epochs done, history). The config must match."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved, current = state["config"], run.config.to_dict()
+    differing = sorted(k for k in current if k not in RESUME_FREE_KEYS and saved.get(k) != current[k])
+    if differing:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in differing)
+        raise fail("resume", f"the config of the checkpoint {path}", f"a different config ({detail})")
+    run.method.load_tuned_state_dict(state["tuned"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    for regularizer in run.regularizers:
+        regularizer.load_state_dict(state["regularizers"].get(regularizer.name, {}))
+    _set_rng_state(state["rng"])
+    return int(state["epochs_done"]), list(state["history"])
+
+
+def save_prompt(run: Run, path: Path) -> None:
+    """The learned prompt: the tuned parameters and what is needed to rebuild the method."""
+    config = run.config
+    _save_torch(
+        path,
+        {
+            "format": PROMPT_FORMAT,
+            "method": run.spec.name,
+            "options": method_options(run.spec, config),
+            "classnames": run.data.train_classnames,
+            "tuned": run.method.tuned_state_dict(),
+            "model": {
+                "name": "fastcal-testbed" if config.dataset is None else config.model,
+                "pretrained": None if config.dataset is None else config.pretrained,
+                "fingerprint": run.model_key,
+            },
+            "config": config.to_dict(),
+        },
+    )
+
+
+def load_prompt(path: str | Path, clip: LoadedClip, *, device: str | torch.device = "cpu") -> PromptMethod:
+    """Rebuild the method saved by a training run (``prompt.pt``) on ``clip``'s model."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / PROMPT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"prompt: expected a saved prompt file ({PROMPT_NAME}), got {path}, not found"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("format") != PROMPT_FORMAT:
+        raise fail(
+            "prompt", f"a fastcal prompt file of format {PROMPT_FORMAT}", f"format {state.get('format')!r}"
+        )
+    spec = get_method(state["method"])
+    method = build_method(spec, clip, list(state["classnames"]), dict(state["options"]))
+    method.load_tuned_state_dict(state["tuned"])
+    return method.to(device)
+
+
+def prompt_metadata(path: str | Path) -> dict[str, Any]:
+    """The saved prompt's method, model and config (without rebuilding it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / PROMPT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"prompt: expected a saved prompt file ({PROMPT_NAME}), got {path}, not found"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return {k: state[k] for k in ("method", "options", "classnames", "model", "config")}
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+def train(
+    config: TrainConfig,
+    *,
+    clip: LoadedClip | None = None,
+    splits: DatasetSplits | None = None,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train ``config.method`` and evaluate it; returns the results dict (also written to ``output``).
+
+    Args:
+        config: the run's configuration (resolved against the method's recipe here).
+        clip, splits: an already loaded model and dataset (default: from the config).
+        stop_after: stop after this many epochs in total, without evaluating (as a preempted job
+            would); a later call with ``resume=True`` continues. Returns ``{}`` then.
+    """
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    run = prepare(config, clip=clip, splits=splits)
+    config = run.config
+    output = Path(config.output) if config.output is not None else None
+    checkpoint = output / CHECKPOINT_NAME if output is not None else None
+    epochs_done, history = 0, []
+    if config.resume:
+        if checkpoint is None:
+            raise fail("resume", "an output folder with a checkpoint", "no output folder")
+        if checkpoint.is_file():
+            epochs_done, history = load_checkpoint(run, checkpoint)
+    last = config.epochs if stop_after is None else min(stop_after, config.epochs)
+    bar = tqdm(
+        range(epochs_done, last),
+        initial=epochs_done,
+        total=config.epochs,
+        desc=f"{run.spec.name} ({config.loss})",
+        disable=not config.progress,
+        leave=False,
+    )
+    for epoch in bar:
+        stats = train_epoch(run, epoch)
+        history.append(stats)
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.3f}")
+        if checkpoint is not None:
+            save_checkpoint(run, checkpoint, epoch + 1, history)
+    if last < config.epochs:
+        return {}
+    results = evaluate_groups(run, output)
+    results["config"] = {**config.to_dict(), "recipe_source": run.spec.source}
+    results["train"] = {"history": history, "seconds": time.perf_counter() - start}
+    if output is not None:
+        save_prompt(run, output / PROMPT_NAME)
+        write_json_atomic(output / RESULTS_NAME, results)
+    return results

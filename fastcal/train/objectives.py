@@ -1,0 +1,262 @@
+"""The training objective: one loss (a config choice) plus any number of regularizers.
+
+    L = loss(batch) + sum_r regularizer_r(batch)
+
+Every term reads the same ``StepBatch`` (the method's output, the labels, the frozen zero-shot class
+features of the training classes, the method itself, the epoch), so a regularizer plugs in without a
+new method file: name it in the config (``regularizers: [dor]``) and register its factory
+(``register_regularizer(name, factory)``, or an entry ``"name": "module:factory"`` in ``REGULARIZERS``,
+imported on first use). A factory gets a
+``RegularizerSetup`` and returns an object with ``__call__(batch) -> Tensor`` (the weighted term),
+``on_epoch_start(epoch)`` (e.g. resampling outliers, reproducibly per epoch), and ``state_dict()`` /
+``load_state_dict(state)`` for exact resumption.
+
+Losses (all from ``fastcal.losses``):
+
+- ``"ce"``: cross-entropy on the method's logits.
+- ``"label_smoothing"``: cross-entropy against ``(1 - eps) onehot + eps / C``.
+- ``"calibrated"``: seed 000's ``CalibratedPromptLoss`` (TCPT, CVPR 2026; ashshaksharifdeen/TCPT): CE +
+  a margin regularizer ``-alpha mean(m) + beta Var(m)`` on the logit margins + ``w`` x the gap between
+  the first two moments of the tuned and frozen class features, fused. With one classifier per image
+  (CoCoOp), which the fused function does not take, the same terms are composed on the logits and the
+  moment gap is averaged over the images' classifiers (``_per_image_calibrated``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastcal._checks import check_choice, fail
+from fastcal.methods.base import MethodOutput, PromptMethod
+
+# name -> factory (a callable or "module:factory", imported on first use); factories take a RegularizerSetup.
+REGULARIZERS: dict[str, Any] = {
+    "kgcoop": "fastcal.train.objectives:KnowledgeGuidance",
+    "dor": "fastcal.outliers.dor:build_dor",
+}
+
+
+@dataclass
+class StepBatch:
+    """What every loss term sees at a step.
+
+    ``frozen_text_features`` (C, D): L2-normalized zero-shot features of the training classes (the
+    config's ``frozen_templates``), the anchor of the calibrated loss's moment term and of KgCoOp.
+    """
+
+    output: MethodOutput
+    labels: torch.Tensor
+    method: PromptMethod
+    frozen_text_features: torch.Tensor
+    epoch: int
+
+
+@dataclass
+class RegularizerSetup:
+    """What a regularizer factory may read: the model, the training classes, its options and the run.
+
+    ``options`` are the run's ``regularizer_options[name]``; ``config`` the run's whole (resolved)
+    config as a dict.
+    """
+
+    name: str
+    method_name: str
+    method: PromptMethod
+    model: nn.Module
+    tokenizer: Any
+    classnames: list[str]
+    templates: list[str]
+    frozen_text_features: torch.Tensor
+    options: dict[str, Any]
+    config: dict[str, Any]
+    seed: int
+    device: torch.device
+    cache_dir: str | os.PathLike | None = None
+    progress: bool = True
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Regularizer(Protocol):
+    name: str
+
+    def __call__(self, batch: StepBatch) -> torch.Tensor: ...
+
+    def on_epoch_start(self, epoch: int) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+class StatelessRegularizer:
+    """Base for regularizers without per-epoch state."""
+
+    name = "regularizer"
+
+    def on_epoch_start(self, epoch: int) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        return None
+
+
+def _flat_pairs(text_features: torch.Tensor, frozen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, D) tuned features and their anchors; per-image features (B, C, D) become B*C rows."""
+    if text_features.ndim == 3:
+        rows = text_features.shape[0]
+        return text_features.reshape(-1, text_features.shape[-1]), frozen.repeat(rows, 1)
+    return text_features, frozen
+
+
+class KnowledgeGuidance(StatelessRegularizer):
+    """KgCoOp's knowledge guidance ``w * (1 - mean_c cos(t_c, t0_c))`` (htyao89/KgCoOp
+    ``trainers/kgcoop.py``: ``score = 1 - mean(cos)``, ``loss = CE + w * score``).
+
+    For unit vectors ``1 - cos = ||t - t0||^2 / 2``, so the term is ``w / 2 * kgcoop_loss`` with
+    ``fastcal.losses.kgcoop_loss = mean_c ||t_c - t0_c||^2``; ``w`` keeps the reference's meaning, and its
+    recipe value 8.0 gives the reference's gradients. Per-image class features (CoCoOp) are averaged over
+    images. ``w``: option ``weight``, else the config's ``kgcoop_weight``, else 8.0.
+    """
+
+    name = "kgcoop"
+
+    def __init__(self, setup: RegularizerSetup) -> None:
+        from fastcal.methods.kgcoop import KGCOOP_WEIGHT
+
+        unknown = set(setup.options) - {"weight"}
+        if unknown:
+            raise fail("regularizer_options['kgcoop']", "only 'weight'", sorted(unknown))
+        weight = setup.options.get("weight", setup.config.get("kgcoop_weight"))
+        self.weight = float(KGCOOP_WEIGHT if weight is None else weight)
+
+    def __call__(self, batch: StepBatch) -> torch.Tensor:
+        from fastcal.losses import kgcoop_loss
+
+        tuned, frozen = _flat_pairs(batch.output.text_features, batch.frozen_text_features)
+        return 0.5 * self.weight * kgcoop_loss(tuned, frozen)
+
+
+def register_regularizer(name: str, factory: str | Callable[[RegularizerSetup], Regularizer]) -> None:
+    """Make ``name`` usable in ``config.regularizers``: ``factory`` is a callable or ``"module:attr"``."""
+    if not isinstance(name, str) or not name:
+        raise fail("name", "a non-empty string", repr(name))
+    if not callable(factory) and not (isinstance(factory, str) and ":" in factory):
+        raise fail("factory", "a callable or a 'module:attribute' string", repr(factory))
+    REGULARIZERS[name] = factory
+
+
+def build_regularizers(
+    names: Sequence[str], make_setup: Callable[[str], RegularizerSetup]
+) -> list[Regularizer]:
+    """Instantiate the named regularizers (in order, duplicates dropped) from ``REGULARIZERS``."""
+    built = []
+    for name in dict.fromkeys(names):
+        check_choice("regularizers", name, REGULARIZERS)
+        factory = REGULARIZERS[name]
+        if isinstance(factory, str):
+            module_name, _, attr = factory.partition(":")
+            factory = getattr(importlib.import_module(module_name), attr)
+        built.append(factory(make_setup(name)))
+    return built
+
+
+# ---- losses ----------------------------------------------------------------------------------------
+class CrossEntropy:
+    """Cross-entropy on the method's logits, optionally label-smoothed (``eps`` > 0)."""
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        self.label_smoothing = label_smoothing
+
+    def __call__(self, batch: StepBatch) -> torch.Tensor:
+        logits = batch.output.logits
+        if self.label_smoothing > 0:
+            from fastcal.losses import label_smoothed_cross_entropy
+
+            return label_smoothed_cross_entropy(logits, batch.labels, smoothing=self.label_smoothing)
+        return F.cross_entropy(logits, batch.labels)
+
+
+class CalibratedLoss:
+    """Seed 000's calibrated loss (module docstring) on the method's normalized features."""
+
+    def __init__(
+        self, *, margin_alpha: float, margin_beta: float, moment_weight: float, label_smoothing: float
+    ) -> None:
+        from fastcal.losses import CalibratedPromptLoss
+
+        self.margin_alpha = margin_alpha
+        self.margin_beta = margin_beta
+        self.moment_weight = moment_weight
+        self.label_smoothing = label_smoothing
+        self.loss = CalibratedPromptLoss(
+            margin_alpha=margin_alpha,
+            margin_beta=margin_beta,
+            moment_weight=moment_weight,
+            label_smoothing=label_smoothing,
+        )
+
+    def __call__(self, batch: StepBatch) -> torch.Tensor:
+        out = batch.output
+        if out.text_features.ndim == 2:
+            return self.loss(
+                out.image_features,
+                out.text_features,
+                batch.labels,
+                out.logit_scale,
+                batch.frozen_text_features,
+            )
+        return _per_image_calibrated(self, out, batch.labels, batch.frozen_text_features)
+
+
+def _per_image_calibrated(
+    loss: CalibratedLoss, out: MethodOutput, labels: torch.Tensor, frozen: torch.Tensor
+) -> torch.Tensor:
+    """The calibrated loss when image ``i`` has its own classifier ``t_i`` (B, C, D) (CoCoOp).
+
+    The fused function takes one classifier shared by the batch, so the terms are composed here from
+    the same definitions: CE and the margin statistics over the batch's rows of ``logits_ic = s <f_i,
+    t_ic>`` (as with a shared classifier), and the moment term averaged over the per-image classifiers,
+    ``mean_i M(t_i, t0)`` (``fastcal.ops.text_moment_gap``).
+    """
+    from fastcal.ops import text_moment_gap
+
+    dtype = torch.promote_types(out.logits.dtype, torch.float32)
+    logits = out.logits.to(dtype)
+    ce = F.cross_entropy(logits, labels, label_smoothing=loss.label_smoothing)
+    target = logits.gather(1, labels[:, None]).squeeze(1)
+    runner_up = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(dim=1)
+    margin = target - runner_up
+    total = ce - loss.margin_alpha * margin.mean() + loss.margin_beta * margin.var(unbiased=False)
+    if loss.moment_weight:
+        anchor = F.normalize(frozen.to(dtype), dim=-1)
+        tuned = F.normalize(out.text_features.to(dtype), dim=-1)
+        moments = torch.stack([text_moment_gap(t, anchor) for t in tuned])
+        total = total + loss.moment_weight * moments.mean()
+    return total
+
+
+def build_loss(config: Mapping[str, Any]) -> Callable[[StepBatch], torch.Tensor]:
+    """The loss named by ``config["loss"]`` with its parameters from the config."""
+    from fastcal.train.config import LOSSES
+
+    name = check_choice("loss", config["loss"], LOSSES)
+    smoothing = float(config.get("label_smoothing") or 0.0)
+    if name == "calibrated":
+        return CalibratedLoss(
+            margin_alpha=config["margin_alpha"],
+            margin_beta=config["margin_beta"],
+            moment_weight=config["moment_weight"],
+            label_smoothing=smoothing,
+        )
+    return CrossEntropy(smoothing)

@@ -1,0 +1,146 @@
+"""Evaluating a saved prompt where it was not trained: new classes, other datasets, shifted domains.
+
+The protocols of the prompt-learning literature (``fastcal.data.protocols``):
+
+- base-to-new (CoCoOp): the prompt learned on the base classes, evaluated on the new classes of the same
+  dataset (and on the base classes), each group among its own classes;
+- cross-dataset transfer (CoCoOp): learned on ImageNet, evaluated on all classes of each of
+  ``CROSS_DATASET_TARGETS``;
+- domain generalization (CoOp): learned on ImageNet, evaluated on ``DOMAIN_GENERALIZATION_TARGETS``
+  (ImageNet-V2, -Sketch, -A, -R; all of their classes).
+
+On the embedded testbed the shifted domain is ``fastcal.data.testbed.shifted`` (sheared, inverted,
+tinted digits): targets ``testbed`` (base and new test classes) and ``testbed_shifted`` (the same
+groups, style-shifted). Every group gets a ``calibration_report`` (``n_bins`` recorded) and a
+reliability diagram.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastcal._checks import fail
+from fastcal.data.items import DatasetSplits
+from fastcal.models.clip import LoadedClip
+from fastcal.train.data import EvalGroup
+from fastcal.train.loop import harmonic_mean, load_prompt, predict, prompt_metadata
+
+TESTBED_TARGETS = ("testbed", "testbed_shifted")
+GROUP_CHOICES = ("auto", "base", "new", "base_new", "all")
+
+
+def load_saved_clip(metadata: dict[str, Any], *, cache_dir: str | os.PathLike | None = None) -> LoadedClip:
+    """The model a prompt was trained with; its weights must have the saved fingerprint."""
+    from fastcal.models.fingerprint import model_fingerprint
+
+    model = metadata["model"]
+    if model["name"] == "fastcal-testbed":
+        from fastcal.models.testbed import load_testbed_clip
+
+        cache = None if cache_dir is None else Path(cache_dir) / "testbed"
+        clip = load_testbed_clip(cache_dir=cache, progress=False)
+    else:
+        from fastcal.models import load_clip
+
+        clip = load_clip(
+            model["name"], model["pretrained"], precision=metadata["config"].get("precision", "fp32")
+        )
+    if model_fingerprint(clip.model) != model["fingerprint"]:
+        raise fail(
+            "model",
+            f"the weights the prompt was trained with ({model['name']}, {model['pretrained']})",
+            "a model with other weights (fingerprint mismatch)",
+        )
+    return clip
+
+
+def target_groups(splits: DatasetSplits, groups: str) -> tuple[EvalGroup, ...]:
+    """The class groups of ``splits`` to evaluate: base, new, both, or all classes."""
+    from fastcal.data.protocols import base_new_split
+
+    if groups == "all":
+        return (EvalGroup("all", list(splits.classnames), list(splits.test)),)
+    halves = base_new_split(splits)
+    chosen = []
+    if groups in ("base", "base_new"):
+        chosen.append(EvalGroup("base", list(halves.base.splits.classnames), list(halves.base.splits.test)))
+    if groups in ("new", "base_new"):
+        chosen.append(EvalGroup("new", list(halves.new.splits.classnames), list(halves.new.splits.test)))
+    return tuple(chosen)
+
+
+def evaluate_saved_prompt(
+    run: str | os.PathLike,
+    targets: list[tuple[str, DatasetSplits, str]],
+    *,
+    clip: LoadedClip | None = None,
+    output: str | os.PathLike | None = None,
+    n_bins: int = 15,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Reports ``{target: {group: report, "hm": ...}}`` of the prompt saved in ``run``.
+
+    ``targets``: ``(name, splits, groups)`` with ``groups`` one of ``base``, ``new``, ``base_new``,
+    ``all``. Diagrams go to ``output/reliability_<target>_<group>.png`` when ``output`` is given.
+    """
+    from fastcal.metrics import calibration_report, reliability_diagram
+
+    metadata = prompt_metadata(run)
+    clip = clip if clip is not None else load_saved_clip(metadata, cache_dir=cache_dir)
+    device = torch.device(device)
+    clip.model.to(device)
+    method = load_prompt(run, clip, device=device)
+    results: dict[str, Any] = {
+        "method": metadata["method"],
+        "trained_on": metadata["classnames"],
+        "targets": {},
+    }
+    for name, splits, groups in targets:
+        if not splits.test:
+            raise fail("targets", f"a test split in {name}", "an empty one")
+        reports: dict[str, Any] = {}
+        for group in target_groups(splits, groups):
+            probs, labels = predict(
+                method,
+                clip,
+                group.items,
+                group.classnames,
+                device=device,
+                batch_size=batch_size,
+                cache_dir=cache_dir,
+                progress=progress,
+            )
+            reports[group.name] = calibration_report(probs, labels, n_bins=n_bins)
+            if output is not None:
+                import matplotlib.pyplot as plt
+
+                title = f"{metadata['method']} prompt on {name}, {group.name} classes"
+                path = Path(output) / f"reliability_{name}_{group.name}.png"
+                plt.close(reliability_diagram(probs, labels, n_bins=n_bins, path=path, title=title))
+        if "base" in reports and "new" in reports:
+            reports["hm"] = {
+                "accuracy": harmonic_mean(reports["base"]["accuracy"], reports["new"]["accuracy"])
+            }
+        results["targets"][name] = reports
+    return results
+
+
+def testbed_target(name: str) -> DatasetSplits:
+    """The testbed's test split, plain (``testbed``) or style-shifted (``testbed_shifted``)."""
+    from dataclasses import replace
+
+    from fastcal.data.testbed import digits_splits, shifted
+
+    if name not in TESTBED_TARGETS:
+        raise fail("target", "one of " + ", ".join(TESTBED_TARGETS), repr(name))
+    splits = digits_splits(0)
+    if name == "testbed_shifted":
+        splits = replace(splits, name="digits-shifted", test=shifted(splits.test))
+    return splits

@@ -1,0 +1,50 @@
+"""``fastcal train`` end to end on the embedded testbed with a 1-epoch schedule: options, YAML, the run
+folder, resumption and errors."""
+
+import json
+
+import pytest
+
+from fastcal.cli import main
+from fastcal.metrics.functional import REPORT_KEYS
+
+
+def test_train_on_the_testbed(testbed_cache, tmp_path, capsys):
+    output = tmp_path / "run"
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("lr: 0.05\nbatch_size: 8\nn_bins: 10\n")
+    argv = ["train", "--method", "coop", "--loss", "calibrated", "--epochs=1", "--lr=0.01", "--shots", "4"]
+    assert main([*argv, "--config", str(yaml_file), "--output", str(output), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((output / "results.json").read_text())
+    config = results["config"]
+    assert (
+        config["lr"] == 0.01 and config["batch_size"] == 8 and config["epochs"] == 1
+    )  # option > YAML > recipe
+    assert config["method"] == "coop" and config["loss"] == "calibrated" and config["dataset"] is None
+    for group in ("base", "new"):
+        assert set(REPORT_KEYS) <= set(results[group]) and results[group]["n_bins"] == 10
+        assert (output / f"reliability_{group}.png").stat().st_size > 0
+    assert results["base"]["count"] + results["new"]["count"] == 720  # the test split: 361 base, 359 new
+    assert 0 < results["hm"]["accuracy"] <= 1
+    assert (output / "prompt.pt").is_file() and (output / "checkpoint.pt").is_file()
+    assert "HM: accuracy" in printed and "ECE(10 bins)" in printed
+
+    # a finished run resumed: nothing left to train, the same results
+    assert main([*argv, "--config", str(yaml_file), "--output", str(output), "--quiet", "--resume"]) == 0
+    again = json.loads((output / "results.json").read_text())
+    assert again["base"] == results["base"] and again["new"] == results["new"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--method", "coop"], "--output"),
+        (["--method", "coop", "--output", "x", "--lr=fast"], "lr: expected a number"),
+        (["--method", "unknown", "--output", "x"], "method"),
+        (["--method", "coop", "--output", "x", "--dataset", "dtd"], "root"),
+    ],
+)
+def test_train_usage_errors(cache_dir, argv, message, capsys):
+    assert main(["train", *argv]) == 2
+    assert message in capsys.readouterr().err

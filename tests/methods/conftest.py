@@ -1,0 +1,68 @@
+"""A tiny random-init open_clip CLIP (3-layer ViT and text towers, CLIP's BPE with 77 positions) and a
+reference text forward written from open_clip's modules, independent of fastcal's TextEncoder."""
+
+import open_clip
+import pytest
+import torch
+
+from fastcal.models.clip import LoadedClip
+
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 48, "patch_size": 8, "head_width": 24},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        model = open_clip.CLIP(**TINY_CFG).eval()
+    return LoadedClip(model, open_clip.get_tokenizer("ViT-B-32"), None, None)
+
+
+@pytest.fixture
+def fresh_clip():
+    """A tiny CLIP that a test may freeze and train (not shared)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(12)
+        model = open_clip.CLIP(**TINY_CFG).eval()
+    return LoadedClip(model, open_clip.get_tokenizer("ViT-B-32"), None, None)
+
+
+def _reference_text(model, embeddings, token_ids, deep_prompts=None):
+    """CLIP's text forward at full length, layer by layer (MaPLe's deep prompts replace positions 1..n
+    before layers 1..len(deep_prompts))."""
+    x = embeddings + model.positional_embedding
+    n = 0 if not deep_prompts else deep_prompts[0].shape[0]
+    for k, block in enumerate(model.transformer.resblocks):
+        if deep_prompts and 1 <= k <= len(deep_prompts):
+            prompt = deep_prompts[k - 1].unsqueeze(0).expand(x.shape[0], -1, -1)
+            x = torch.cat([x[:, :1], prompt, x[:, 1 + n :]], dim=1)
+        x = block(x, attn_mask=model.attn_mask)
+    x = model.ln_final(x)
+    return x[torch.arange(x.shape[0]), token_ids.argmax(dim=-1)] @ model.text_projection
+
+
+@pytest.fixture(scope="session")
+def reference_text():
+    return _reference_text
+
+
+def _reference_prompts(model, tokenizer, classnames, ctx):
+    """Full-length (77) prompt embeddings of "X .. X name." with the X positions replaced by ``ctx``
+    ((n, W) shared, or (C, n, W) per class), built row by row."""
+    n = ctx.shape[-2]
+    ids = tokenizer([" ".join(["X"] * n) + f" {name}." for name in classnames])
+    rows = []
+    for c in range(len(classnames)):
+        row = model.token_embedding(ids[c])
+        context = ctx if ctx.ndim == 2 else ctx[c]
+        rows.append(torch.cat([row[:1], context, row[1 + n :]]))
+    return torch.stack(rows), ids
+
+
+@pytest.fixture(scope="session")
+def reference_prompts():
+    return _reference_prompts

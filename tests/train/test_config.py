@@ -1,0 +1,90 @@
+"""TrainConfig: defaults < the method's recipe (< its testbed schedule without a dataset) < YAML <
+overrides, typed parsing of command-line strings, and clear errors."""
+
+import pytest
+
+from fastcal.methods.base import get_method
+from fastcal.train.config import TrainConfig, coerce, parse_scalar
+
+
+def test_precedence_recipe_yaml_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("method: kgcoop\nlr: 0.01\nbatch_size: 64\nregularizer_options: {}\n")
+    config = TrainConfig.from_sources(
+        yaml_path=path, overrides={"batch_size": "16", "dataset": "dtd", "root": "/d"}
+    )
+    resolved = config.resolved()
+    recipe = get_method("kgcoop").recipe
+    assert resolved.lr == 0.01 and resolved.batch_size == 16  # YAML, then the override
+    assert (
+        resolved.epochs == recipe["epochs"] == 100 and resolved.n_ctx == 4 and resolved.kgcoop_weight == 8.0
+    )
+    assert resolved.ctx_init == "a photo of a" and resolved.momentum == 0.9 and resolved.weight_decay == 5e-4
+    assert resolved.label_smoothing == 0.0
+
+
+def test_testbed_schedule_applies_without_a_dataset():
+    spec = get_method("vpt")
+    on_testbed = TrainConfig(method="vpt").resolved()
+    assert on_testbed.epochs == spec.testbed_recipe["epochs"] and on_testbed.vision_depth == 3
+    assert on_testbed.n_ctx_vision == spec.recipe["n_ctx_vision"] == 8
+    real = TrainConfig(method="vpt", dataset="dtd", root="/data").resolved()
+    assert real.epochs == 5 and real.vision_depth == 12 and real.batch_size == 4 and real.lr == 0.0025
+    explicit = TrainConfig(method="vpt", epochs=2).resolved()
+    assert explicit.epochs == 2
+    assert TrainConfig(loss="label_smoothing").resolved().label_smoothing == 0.1
+
+
+def test_command_line_strings_are_typed():
+    config = TrainConfig.from_dict(
+        {
+            "lr": "1e-3",
+            "epochs": "7",
+            "ctx_init": "none",
+            "class_specific": "true",
+            "regularizers": "dor,kgcoop",
+            "regularizer_options": "{dor: {weight: 2, mode: far}}",
+            "augment-epochs": "4",
+        }
+    )
+    assert (
+        config.lr == 0.001
+        and config.epochs == 7
+        and config.ctx_init is None
+        and config.class_specific is True
+    )
+    assert config.regularizers == ["dor", "kgcoop"] and config.augment_epochs == 4
+    assert config.regularizer_options == {"dor": {"weight": 2, "mode": "far"}}
+    assert TrainConfig.from_dict({"ctx_init": "a photo of a"}).ctx_init == "a photo of a"
+    assert parse_scalar("0.5") == 0.5 and parse_scalar("~") is None and parse_scalar("[1, 2]") == [1, 2]
+    assert coerce("x", "3", float) == 3.0 and coerce("x", 4.0, int) == 4
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ({"lrr": 0.1}, "config key"),
+        ({"lr": "fast"}, "lr: expected a number"),
+        ({"epochs": 2.5}, "epochs: expected an integer"),
+        ({"class_specific": "maybe"}, "class_specific: expected true or false"),
+        ({"method": "clip-adapter"}, "method"),
+        ({"loss": "focal"}, "loss"),
+        ({"protocol": "fewshot"}, "protocol"),
+        ({"shots": 0}, "shots"),
+        ({"lr": -1.0}, "lr"),
+        ({"dataset": "dtd"}, "root"),
+        ({"regularizer_options": {"dor": {}}}, "regularizer_options"),
+    ],
+)
+def test_invalid_values(values, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_dict(values)
+
+
+def test_missing_yaml_and_non_mapping(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config"):
+        TrainConfig.from_sources(yaml_path=tmp_path / "absent.yaml")
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="mapping"):
+        TrainConfig.from_sources(yaml_path=path)

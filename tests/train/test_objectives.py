@@ -1,0 +1,107 @@
+"""The loss choices and regularizers against the formulas written out in float64 and against the fused
+``fastcal.losses`` functions."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastcal.losses import calibrated_prompt_loss
+from fastcal.methods.base import clip_logits
+from fastcal.train.objectives import (
+    REGULARIZERS,
+    KnowledgeGuidance,
+    RegularizerSetup,
+    StepBatch,
+    build_loss,
+    build_regularizers,
+    register_regularizer,
+)
+
+LOSS_CONFIG = {"margin_alpha": 0.1, "margin_beta": 0.01, "moment_weight": 5.0, "label_smoothing": 0.0}
+
+
+def batch(text_shape, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    rows = text_shape[0] if len(text_shape) == 3 else 9
+    image = torch.randn(rows, 13, generator=generator, dtype=torch.float64)
+    text = torch.randn(*text_shape, generator=generator, dtype=torch.float64).requires_grad_()
+    frozen = F.normalize(torch.randn(text_shape[-2:], generator=generator, dtype=torch.float64), dim=-1)
+    labels = torch.randint(0, text_shape[-2], (rows,), generator=generator)
+    output = clip_logits(image, text, torch.tensor(2.5, dtype=torch.float64))
+    return StepBatch(output, labels, None, frozen, 0), text
+
+
+def test_cross_entropy_and_label_smoothing():
+    step, _ = batch((7, 13))
+    plain = build_loss({"loss": "ce", **LOSS_CONFIG})(step)
+    torch.testing.assert_close(plain, F.cross_entropy(step.output.logits, step.labels))
+    smoothed = build_loss({"loss": "label_smoothing", **LOSS_CONFIG, "label_smoothing": 0.2})(step)
+    logp = step.output.logits.double().log_softmax(-1)
+    target = torch.full_like(logp, 0.2 / 7).scatter_(1, step.labels[:, None], 0.8 + 0.2 / 7)
+    torch.testing.assert_close(smoothed.double(), -(target * logp).sum(-1).mean())
+
+
+def test_calibrated_loss_is_the_fused_function():
+    step, _ = batch((7, 13))
+    got = build_loss({"loss": "calibrated", **LOSS_CONFIG})(step)
+    out = step.output
+    expected = calibrated_prompt_loss(
+        out.image_features, out.text_features, step.labels, out.logit_scale, step.frozen_text_features
+    )
+    torch.testing.assert_close(got, expected)
+
+
+def test_per_image_calibrated_loss_reduces_to_the_shared_one():
+    """CoCoOp's per-image classifiers, all equal to one shared classifier, give the fused loss and its
+    gradient (summed over the copies)."""
+    shared_step, shared_text = batch((7, 13), seed=4)
+    per_image = shared_text.detach().expand(9, -1, -1).clone().requires_grad_()
+    out = clip_logits(shared_step.output.image_features, per_image, torch.tensor(2.5, dtype=torch.float64))
+    step = StepBatch(out, shared_step.labels, None, shared_step.frozen_text_features, 0)
+    loss = build_loss({"loss": "calibrated", **LOSS_CONFIG, "label_smoothing": 0.1})
+    got, expected = loss(step), loss(shared_step)
+    torch.testing.assert_close(got.double(), expected.double(), atol=1e-10, rtol=1e-10)
+    got.backward()
+    expected.backward()
+    torch.testing.assert_close(per_image.grad.sum(0), shared_text.grad, atol=1e-10, rtol=1e-8)
+
+
+def setup_for(options, config):
+    fields = {"method": None, "model": None, "tokenizer": None, "classnames": [], "templates": []}
+    return RegularizerSetup(
+        name="kgcoop",
+        method_name="kgcoop",
+        frozen_text_features=None,
+        options=options,
+        config=config,
+        seed=0,
+        device=torch.device("cpu"),
+        **fields,
+    )
+
+
+def test_knowledge_guidance_is_kgcoops_score():
+    step, text = batch((7, 13))
+    guidance = KnowledgeGuidance(setup_for({}, {"kgcoop_weight": None}))
+    assert guidance.weight == 8.0
+    cos = F.cosine_similarity(text.detach(), step.frozen_text_features, dim=-1)
+    torch.testing.assert_close(guidance(step).double(), 8.0 * (1 - cos.mean()))
+    per_image, text3 = batch((3, 7, 13), seed=1)
+    cos3 = F.cosine_similarity(text3.detach(), per_image.frozen_text_features.expand(3, -1, -1), dim=-1)
+    weighted = KnowledgeGuidance(setup_for({"weight": 2.0}, {"kgcoop_weight": 8.0}))
+    torch.testing.assert_close(weighted(per_image).double(), 2.0 * (1 - cos3.mean()))
+    with pytest.raises(ValueError, match="weight"):
+        KnowledgeGuidance(setup_for({"lambda": 1.0}, {}))
+
+
+def test_regularizer_registry(monkeypatch):
+    monkeypatch.setattr("fastcal.train.objectives.REGULARIZERS", dict(REGULARIZERS))
+    register_regularizer("scaled", lambda setup: ("built", setup.name))
+    built = build_regularizers(
+        ["kgcoop", "scaled", "kgcoop"], lambda name: setup_for({}, {"kgcoop_weight": 1.0})
+    )
+    assert isinstance(built[0], KnowledgeGuidance) and built[1] == ("built", "kgcoop") and len(built) == 2
+    with pytest.raises(ValueError, match="regularizers"):
+        build_regularizers(["nope"], lambda name: None)
+    with pytest.raises(ValueError, match="factory"):
+        register_regularizer("bad", 3)
