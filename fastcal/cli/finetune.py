@@ -7,8 +7,8 @@ Examples:
       --output runs/carot --precision bf16
 
 Without --dataset the run uses the embedded testbed: the testbed CLIP fine-tuned on the digits of the
-base classes 0-4; ID = their test images, OOD = the same images style-shifted (shear, inverted contrast,
-tint). With a dataset, the published recipe is the default (AdamW, lr 1e-5, or 3e-5 for FT, weight decay
+base classes 0-4; ID = their test images, OOD = the same images style-shifted (sheared and
+tinted). With a dataset, the published recipe is the default (AdamW, lr 1e-5, or 3e-5 for FT, weight decay
 0.1, global batch 512, 10 epochs, cosine after 500 warm-up steps, ViT-B/16); ImageNet is evaluated on
 ImageNet-V2, -R, -A, -Sketch and ObjectNet where present under --root. ECE uses 10 bins, with and
 without temperature scaling fitted on held-out ID images. The output folder gets results.json

@@ -2,7 +2,7 @@
 
 The testbed CLIP is fine-tuned on the base digits 0-4 (train split) with the short schedules of
 ``fastcal.finetune.config.testbed_config`` and evaluated on their test images (ID) and on the same
-images style-shifted (OOD: shear, inverted contrast, tint; ``fastcal.data.testbed.shifted``), each
+images style-shifted (OOD: sheared and tinted; ``fastcal.data.testbed.shifted``), each
 without and with temperature scaling fitted on their val split. Rows: zero-shot CLIP (the prompt
 ensemble), FT, WiSE-FT (FT mixed with zero-shot at alpha = 0.5, CaRot's choice), FLYP and CaRot. The
 runs' folders (weights, checkpoints) live in a temporary folder; the rows, their reliability diagrams

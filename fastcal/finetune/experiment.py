@@ -7,7 +7,7 @@ Data (``FinetuneData``):
 - the embedded testbed (``testbed_data``): the digits of ``fastcal.data.testbed`` restricted to the base
   classes 0-4 (``base_new_split``); train on their train split, fit the temperature on their val split,
   ID = their test split, OOD = the same test images style-shifted (``fastcal.data.testbed.shifted``:
-  shear, inverted contrast, tint), named ``digits_shifted``;
+  shear and tint), named ``digits_shifted``;
 - a dataset of ``fastcal.data.load_dataset`` (``dataset_data``): train on its train split; held-out ID
   images for the temperature from its val split, or, when it has none (ImageNet), ``heldout`` train images
   drawn with ``random.Random(seed)`` and left out of training; ID = its test split; OOD = the named

@@ -138,7 +138,8 @@ class ContrastiveLoss(nn.Module):
 class FlypMethod:
     """FLYP as a fine-tuning method for ``fastcal.finetune.trainer.Finetuner``.
 
-    The trainable module is the whole CLIP (both towers and the logit scale); a batch is
+    The trainable module is the whole CLIP (both towers and the logit scale; all of its parameters are
+    made trainable, whatever an earlier user of the model froze); a batch is
     ``(images, labels, caption token ids)``. Evaluation uses the zero-shot head of the fine-tuned model
     (``fastcal.finetune.evaluate.clip_head``).
     """
@@ -147,7 +148,7 @@ class FlypMethod:
     uses_captions = True
 
     def __init__(self, model: nn.Module, *, label_smoothing: float = 0.0, rank: int = 0, world_size: int = 1):
-        self.model = model
+        self.model = model.requires_grad_(True)
         self.trainable = ClipFeatures(model)
         self.contrastive = ContrastiveLoss(label_smoothing=label_smoothing, rank=rank, world_size=world_size)
 

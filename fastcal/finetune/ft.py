@@ -75,7 +75,8 @@ def class_rows(train_classnames: Sequence[str], eval_classnames: Sequence[str]) 
 
 class FtMethod:
     """FT for ``fastcal.finetune.trainer.Finetuner``: the trainable module is an ``ImageClassifier``
-    whose image tower is ``model.visual`` (shared, not copied); a batch is ``(images, labels, _)``."""
+    whose image tower is ``model.visual`` (shared, not copied, made trainable); a batch is
+    ``(images, labels, _)``."""
 
     name = "ft"
     uses_captions = False
@@ -90,7 +91,7 @@ class FtMethod:
         self.model = model
         self.label_smoothing = check_number("label_smoothing", label_smoothing, minimum=0.0, maximum=1.0)
         weight = zero_shot_head(class_features, model.logit_scale).to(model.logit_scale.device)
-        self.trainable = ImageClassifier(model.visual, weight)
+        self.trainable = ImageClassifier(model.visual.requires_grad_(True), weight)
 
     @property
     def head(self) -> nn.Linear:

@@ -9,7 +9,7 @@ The protocols of the prompt-learning literature (``fastcal.data.protocols``):
 - domain generalization (CoOp): learned on ImageNet, evaluated on ``DOMAIN_GENERALIZATION_TARGETS``
   (ImageNet-V2, -Sketch, -A, -R; all of their classes).
 
-On the embedded testbed the shifted domain is ``fastcal.data.testbed.shifted`` (sheared, inverted,
+On the embedded testbed the shifted domain is ``fastcal.data.testbed.shifted`` (sheared and
 tinted digits): targets ``testbed`` (base and new test classes) and ``testbed_shifted`` (the same
 groups, style-shifted). Every group gets a ``calibration_report`` (``n_bins`` recorded) and a
 reliability diagram.

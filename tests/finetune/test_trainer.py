@@ -179,3 +179,19 @@ def test_a_step_invalidates_the_model_fingerprint(tiny_clip):
     before = model_fingerprint(model)
     finetuner.train_step(tiny_clip.random_batch(6, seed=2, dtype=torch.float32))
     assert model_fingerprint(model) != before
+
+
+@pytest.mark.parametrize("method_name", ["ft", "flyp", "carot"])
+def test_a_model_frozen_by_an_earlier_user_is_fine_tuned(tiny_clip, method_name):
+    # prompt tuning and TPT freeze the CLIP they share with the demo's fine-tuning stage
+    model = tiny_clip.build_tiny_clip().requires_grad_(False)
+    method = tiny_clip.make_method(method_name, model)
+    finetuner = Finetuner(method, FinetuneConfig(method=method_name, learning_rate=1e-3, batch_size=6), 2)
+    before = model.visual.conv1.weight.detach().clone()
+    finetuner.train_step(tiny_clip.random_batch(6, seed=5))
+    assert not torch.equal(before, model.visual.conv1.weight)
+    trained = {id(p) for p in finetuner.parameters}
+    assert all(id(p) in trained for p in model.visual.parameters())
+    if method_name != "ft":
+        assert all(id(p) in trained for p in model.transformer.parameters())
+        assert id(model.logit_scale) in trained
