@@ -50,6 +50,38 @@ def test_demo_on_the_testbed_writes_results_and_diagrams(testbed_cache, tmp_path
     assert "total" in printed
 
 
+
+def test_the_whole_demo_runs_every_stage_on_one_shared_testbed(testbed_cache, tmp_path, capsys):
+    """The README's main job as a user runs it: every stage in order, sharing one context (a stage that
+    mutates the shared CLIP, e.g. freezing it, must not break the stages after it)."""
+    from fastcal.outliers.wordnet import WordNetNotFoundError, ensure_wordnet
+
+    try:
+        ensure_wordnet()
+        has_wordnet = True
+    except WordNetNotFoundError:
+        has_wordnet = False
+    output = tmp_path / "results"
+    assert main(["demo", "--output", str(output), "--quiet"]) == 0
+    results = json.loads((output / "results.json").read_text())
+    assert list(results["stages"]) == [name for name, _ in demo.STAGES]
+    rows = results["rows"]
+    assert {row["stage"] for row in rows} == set(results["stages"])
+    for row in rows:
+        if row["stage"] == "coop_dor" and not has_wordnet:
+            assert "skipped" in row["notes"]
+            continue
+        assert row["metrics"], row["method"]
+        for group, metrics in row["metrics"].items():
+            assert 0.0 <= metrics["ece"] <= 1.0 and metrics["count"] > 0, (row["method"], group)
+            assert metrics["accuracy"] > 0.5, (row["method"], group)  # 5-way: far above chance
+    methods = {row["method"] for row in rows}
+    assert {"CoOp", "KgCoOp", "CoCoOp", "MaPLe", "VPT", "TPT", "C-TPT", "FT", "FLYP", "CaRot"} <= methods
+    assert ("CoOp + DOR" in methods) == has_wordnet
+    printed = capsys.readouterr().out
+    assert f"{len(rows)} rows" in printed
+
+
 @pytest.fixture
 def fake_stage(monkeypatch):
     """A registry with the zero-shot stage and a fake robust fine-tuning stage (ID / OOD columns)."""
