@@ -50,7 +50,6 @@ def test_demo_on_the_testbed_writes_results_and_diagrams(testbed_cache, tmp_path
     assert "total" in printed
 
 
-
 def test_the_whole_demo_runs_every_stage_on_one_shared_testbed(testbed_cache, tmp_path, capsys):
     """The README's main job as a user runs it: every stage in order, sharing one context (a stage that
     mutates the shared CLIP, e.g. freezing it, must not break the stages after it)."""
