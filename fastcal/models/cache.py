@@ -158,7 +158,8 @@ def image_features(
     return tensors["features"], tensors["labels"]
 
 
-def _tokenizer_key(tokenizer: Any) -> str:
+def tokenizer_key(tokenizer: Any) -> str:
+    """What identifies a tokenizer in a cache key: its class, context length and vocabulary name."""
     kind = type(tokenizer)
     inner = getattr(tokenizer, "tokenizer", None)
     name = getattr(inner, "name_or_path", "")
@@ -193,7 +194,7 @@ def class_text_features(
         "kind": "class_text_features",
         "format": _FORMAT_VERSION,
         "model": model_fingerprint(model),
-        "tokenizer": _tokenizer_key(tokenizer),
+        "tokenizer": tokenizer_key(tokenizer),
         "classnames": classnames,
         "templates": templates,
     }

@@ -33,7 +33,7 @@ from torch import nn
 
 from fastcal._checks import check_int, check_tensor, fail
 from fastcal._io import cached_tensors, default_cache_dir, key_digest
-from fastcal.models.cache import _tokenizer_key
+from fastcal.models.cache import tokenizer_key
 from fastcal.models.fingerprint import model_fingerprint
 from fastcal.models.text_encoder import TextEncoder
 from fastcal.outliers.vocabulary import Vocabulary
@@ -148,7 +148,7 @@ class OutlierBank:
             "kind": "outlier_bank",
             "format": _FORMAT_VERSION,
             "model": model_key if model_key is not None else model_fingerprint(model),
-            "tokenizer": _tokenizer_key(tokenizer),
+            "tokenizer": tokenizer_key(tokenizer),
             "template": check_template(template),
             "vocabulary": vocabulary.digest,
             "size": len(vocabulary),
