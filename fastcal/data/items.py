@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import operator
 import os
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,23 @@ Item = tuple[ImageSource, int]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 SPLIT_NAMES = ("train", "val", "test")
+
+
+@contextmanager
+def seeded_generators(seed: int) -> Iterator[None]:
+    """Run the body with torch's (CPU), Python's and NumPy's global generators seeded by ``seed`` (NumPy:
+    ``seed % 2**32``), in a forked state: the caller's generators are as they were afterwards. Random
+    image transforms drawn inside are reproducible whatever ran before them."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % (1 << 32))
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def missing_path(dataset: str, what: str, path: str | os.PathLike, hint: str) -> FileNotFoundError:

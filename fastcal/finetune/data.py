@@ -18,16 +18,14 @@ resumed run continues with exactly the batches an uninterrupted run would have s
 from __future__ import annotations
 
 import hashlib
-import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from fastcal._checks import check_int, fail
-from fastcal.data.items import Item, load_image
+from fastcal.data.items import Item, load_image, seeded_generators
 
 
 def _digest(text: str) -> bytes:
@@ -83,16 +81,8 @@ class TrainingViews(Dataset):
         epoch, index = key
         image, label = self.items[index]
         view_seed, draw = view_seed_and_draw(self.seed, epoch, index)
-        python_state, numpy_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(view_seed)
-                random.seed(view_seed)
-                np.random.seed(view_seed % (1 << 32))
-                pixels = self.transform(load_image(image))
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
+        with seeded_generators(view_seed):
+            pixels = self.transform(load_image(image))
         tokens = self.captions(label, draw) if self.captions is not None else torch.empty(0, dtype=torch.long)
         return pixels, label, tokens
 

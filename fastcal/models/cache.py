@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fastcal._checks import check_int, fail
 from fastcal._io import cached_tensors, default_cache_dir, key_digest
+from fastcal.data.items import seeded_generators
 from fastcal.models.fingerprint import model_fingerprint
 from fastcal.models.text_encoder import TextEncoder
 
@@ -45,10 +44,11 @@ def view_seed(epoch: int | None, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-class _SeededViews(Dataset):
-    """``dataset[i]`` with every random generator seeded by ``view_seed(epoch, i)``."""
+class SeededViews(Dataset):
+    """``dataset[i]`` drawn with torch's, Python's and NumPy's generators seeded by
+    ``view_seed(epoch, i)`` in a forked state (the caller's generators are untouched)."""
 
-    def __init__(self, dataset: Dataset, epoch: int | None):
+    def __init__(self, dataset: Dataset, epoch: int | None) -> None:
         self.dataset = dataset
         self.epoch = epoch
 
@@ -56,17 +56,8 @@ class _SeededViews(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        seed = view_seed(self.epoch, index)
-        python_state, numpy_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                random.seed(seed)
-                np.random.seed(seed % (1 << 32))
-                return self.dataset[index]
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
+        with seeded_generators(view_seed(self.epoch, index)):
+            return self.dataset[index]
 
 
 def _root(cache_dir: str | os.PathLike | None) -> Path:
@@ -140,7 +131,7 @@ def image_features(
         device, dtype = _module_placement(encode_image)
         # Its own generator: DataLoader otherwise draws its worker base seed from the global one.
         loader = DataLoader(
-            _SeededViews(dataset, epoch),
+            SeededViews(dataset, epoch),
             batch_size=batch_size,
             num_workers=num_workers,
             generator=torch.Generator(),

@@ -10,7 +10,8 @@ defaults: scale (0.08, 1), bicubic; then the model's normalization). The embedde
 training transform (digits are not flipped). Augmented views are reproducible: view ``i`` of epoch
 ``e`` is drawn with the generators seeded by ``fastcal.models.cache.view_seed(e, i)``, whether the
 image encoder is frozen (the features are cached per epoch by ``fastcal.models.cache.image_features``)
-or prompted (the images are re-encoded every step: ``SeededViews``), so every method sees the same views.
+or prompted (the images are re-encoded every step: ``fastcal.models.cache.SeededViews``), so every
+method sees the same views.
 
 Batches: epoch ``e`` visits the training set in the order of ``torch.randperm`` under a generator
 seeded by ``(seed, e)``, dropping the last incomplete batch when the set holds at least one full batch
@@ -21,19 +22,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from fastcal._checks import check_int
 from fastcal.data.items import DatasetSplits, Item
-from fastcal.models.cache import view_seed
 from fastcal.models.clip import LoadedClip
 
 TESTBED_NAME = "testbed"
@@ -130,31 +127,6 @@ def train_transform_for(config: Any, clip: LoadedClip) -> Any:
     if config.dataset is None:
         return clip.train_transform
     return coop_train_transform(clip.model)
-
-
-class SeededViews(Dataset):
-    """``dataset[i]`` drawn with torch's, Python's and NumPy's generators seeded by
-    ``view_seed(epoch, i)`` in a forked state (the caller's generators are untouched)."""
-
-    def __init__(self, dataset: Dataset, epoch: int | None) -> None:
-        self.dataset = dataset
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Any:
-        seed = view_seed(self.epoch, index)
-        python_state, numpy_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                random.seed(seed)
-                np.random.seed(seed % (1 << 32))
-                return self.dataset[index]
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -41,11 +41,11 @@ from fastcal._checks import fail
 from fastcal._io import atomic_path, write_json_atomic
 from fastcal.data.items import DatasetSplits, ImageListDataset
 from fastcal.methods.base import MethodSpec, PromptMethod, get_method
+from fastcal.models.cache import SeededViews
 from fastcal.models.clip import LoadedClip
 from fastcal.train.config import RESUME_FREE_KEYS, TrainConfig
 from fastcal.train.data import (
     RunData,
-    SeededViews,
     epoch_batches,
     feature_cache_dir,
     load_clip_for,

@@ -104,3 +104,29 @@ def test_dataset_splits_accessors(make_image, tmp_path):
     with pytest.raises(ValueError, match="split"):
         splits.items("validation")
     assert "train=1, val=0, test=1" in repr(splits)
+
+
+def test_seeded_generators_reproduce_draws_and_restore_the_callers_state():
+    import random
+
+    from fastcal.data.items import seeded_generators
+
+    def draw():
+        return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+    torch.manual_seed(11)
+    random.seed(11)
+    np.random.seed(11)
+    expected_after = draw()
+    torch.manual_seed(11)
+    random.seed(11)
+    np.random.seed(11)
+    with seeded_generators(2**40 + 7):  # above NumPy's 32-bit seed range
+        inside = draw()
+    assert draw() == expected_after  # the caller's three generators continue untouched
+    with seeded_generators(2**40 + 7):
+        assert draw() == inside
+    with seeded_generators(8):
+        assert draw() != inside
+    torch.manual_seed(2**40 + 7)
+    assert torch.rand(3).tolist() == inside[0]
