@@ -85,6 +85,16 @@ def bucket_splits(sorted_lengths: list[int], width: int, overhead_tokens: float)
     return groups[::-1]
 
 
+def project_pooled(tower: Any, pooled: torch.Tensor) -> torch.Tensor:
+    """The text tower's output projection of pooled features (a matrix, an ``nn.Linear`` or none)."""
+    projection = tower.text_projection
+    if projection is None:
+        return pooled
+    if isinstance(projection, nn.Linear):
+        return projection(pooled)
+    return pooled @ projection
+
+
 class TextEncoder(nn.Module):
     """CLIP text features computed only up to the batch's longest EOT (exact for causal towers).
 
@@ -344,9 +354,4 @@ class TextEncoder(nn.Module):
         else:
             pool, eos_id = self._pool()
             pooled = text_global_pool(tower.ln_final(x), token_ids, pool, eos_token_id=eos_id)
-        projection = tower.text_projection
-        if projection is None:
-            return pooled
-        if isinstance(projection, nn.Linear):
-            return projection(pooled)
-        return pooled @ projection
+        return project_pooled(tower, pooled)

@@ -27,6 +27,7 @@ from torch import nn
 
 from fastcal._checks import check_int, fail
 from fastcal.methods.prompt_learner import PromptLearner
+from fastcal.models.text_encoder import project_pooled
 
 PACKED_LENGTH = 64
 
@@ -160,9 +161,4 @@ class PackedPrompts(nn.Module):
         x = (x + tower.positional_embedding[self.positions].repeat(s, 1, 1)).to(cast)
         x = tower.ln_final(tower.transformer(x, attn_mask=self.mask.to(cast)))
         pooled = x.reshape(s, self.n_sequences * self.length, width)[:, self.readout]  # (S, C, W)
-        projection = tower.text_projection
-        if projection is None:
-            return pooled
-        if isinstance(projection, nn.Linear):
-            return projection(pooled)
-        return pooled @ projection
+        return project_pooled(tower, pooled)

@@ -435,8 +435,8 @@ def save_prompt(run: Run, path: Path) -> None:
     )
 
 
-def load_prompt(path: str | Path, clip: LoadedClip, *, device: str | torch.device = "cpu") -> PromptMethod:
-    """Rebuild the method saved by a training run (``prompt.pt``) on ``clip``'s model."""
+def _read_prompt_file(path: str | Path) -> dict[str, Any]:
+    """The contents of a saved prompt (a file, or a run folder holding ``prompt.pt``), format checked."""
     path = Path(path)
     if path.is_dir():
         path = path / PROMPT_NAME
@@ -449,6 +449,12 @@ def load_prompt(path: str | Path, clip: LoadedClip, *, device: str | torch.devic
         raise fail(
             "prompt", f"a fastcal prompt file of format {PROMPT_FORMAT}", f"format {state.get('format')!r}"
         )
+    return state
+
+
+def load_prompt(path: str | Path, clip: LoadedClip, *, device: str | torch.device = "cpu") -> PromptMethod:
+    """Rebuild the method saved by a training run (``prompt.pt``) on ``clip``'s model."""
+    state = _read_prompt_file(path)
     spec = get_method(state["method"])
     method = build_method(spec, clip, list(state["classnames"]), dict(state["options"]))
     method.load_tuned_state_dict(state["tuned"])
@@ -457,14 +463,7 @@ def load_prompt(path: str | Path, clip: LoadedClip, *, device: str | torch.devic
 
 def prompt_metadata(path: str | Path) -> dict[str, Any]:
     """The saved prompt's method, model and config (without rebuilding it)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / PROMPT_NAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"prompt: expected a saved prompt file ({PROMPT_NAME}), got {path}, not found"
-        )
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = _read_prompt_file(path)
     return {k: state[k] for k in ("method", "options", "classnames", "model", "config")}
 
 
