@@ -193,8 +193,10 @@ void ce_margin_rows(T* G, const int64_t* y, int64_t B, int64_t C, T s, T eps, bo
       for (int64_t c = 0; c < yi; ++c) best = g[c] > best ? g[c] : best;
 #pragma omp simd reduction(max : best)
       for (int64_t c = yi + 1; c < C; ++c) best = g[c] > best ? g[c] : best;
+      // first index attaining the runner-up value; a row of NaN has none: any valid index (the loss is NaN)
       int64_t r = 0;
-      while (r == yi || g[r] != best) ++r;  // first index attaining the runner-up value
+      while (r < C && (r == yi || !(g[r] == best))) ++r;
+      if (r == C) r = yi == 0 ? 1 : 0;
       const T gmax = gy > best ? gy : best;
       const fastcal::ExpSums<T> sums = fastcal::exp_sums<T>(g, C, s, gmax, write_grad);
       const T sum_e = sums.e, sum_eg = sums.eg, sum_g = sums.g;
@@ -345,6 +347,11 @@ std::vector<Tensor> forward(const Tensor& image, const Tensor& text, const c10::
   const int64_t B = image.size(0), C = text.size(0);
   TORCH_CHECK(C >= 2, "fastcal native: expected at least 2 classes");
   const Tensor labels = labels_in.to(at::kLong).contiguous();
+  if (B > 0) {  // labels index rows of G: out of range would read past them (the Python checks may be off)
+    const auto range = at::aminmax(labels);
+    TORCH_CHECK(std::get<0>(range).item<int64_t>() >= 0 && std::get<1>(range).item<int64_t>() < C,
+                "fastcal native: expected labels in [0, ", C, ")");
+  }
   const bool write_grad = need_image_grad || need_text_grad || need_scale_grad;
 
   const auto f = normalize_rows(image);

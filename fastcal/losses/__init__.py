@@ -6,6 +6,8 @@
   ``DispersionLoss`` / ``dispersion_loss`` (C-TPT's ATFD and its negative), ``OutlierDriftLoss`` /
   ``outlier_drift_loss`` (DOR), ``LabelSmoothedCrossEntropy`` / ``label_smoothed_cross_entropy``,
   ``MarginalEntropy`` / ``marginal_entropy`` (TPT): plain torch.
+- ``value_checks(False)``: a context in which no loss reads tensor values to validate them (no host
+  synchronization on a GPU), for a training loop that checks its loss itself.
 """
 
 from fastcal.losses.functional import (
@@ -16,6 +18,7 @@ from fastcal.losses.functional import (
     marginal_entropy,
     outlier_drift_loss,
     text_dispersion,
+    value_checks,
 )
 from fastcal.losses.modules import (
     CalibratedPromptLoss,
@@ -42,4 +45,5 @@ __all__ = [
     "marginal_entropy",
     "outlier_drift_loss",
     "text_dispersion",
+    "value_checks",
 ]

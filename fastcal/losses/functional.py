@@ -3,7 +3,8 @@
 Every function validates its inputs (``fastcal._checks``: a ValueError naming the argument, what was
 expected and what was received) and differentiates with respect to every floating-point input that
 requires a gradient. Checks that read tensor values (finiteness, label range, zero rows, a positive
-scale) are skipped while a CUDA graph is being captured, where they would synchronize with the host.
+scale) are skipped while a CUDA graph is being captured, where they would synchronize with the host,
+and inside ``with value_checks(False):`` (a training loop's hot path).
 
 - ``calibrated_prompt_loss``: seed 000 (TCPT), fused on three backends (``fastcal.ops``).
 - ``kgcoop_loss``, ``text_dispersion`` / ``dispersion_loss``, ``outlier_drift_loss``,
@@ -15,6 +16,9 @@ scale) are skipped while a CUDA graph is being captured, where they would synchr
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +38,27 @@ __all__ = [
 ]
 
 
+_VALUE_CHECKS = threading.local()
+
+
+@contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    """Turn the checks that read tensor values (finiteness, label range, zero rows, a positive scale) on
+    or off in this thread for the body; shape, dtype and device checks always run. Off, no loss call
+    synchronizes with a GPU: for training loops that check their loss themselves, e.g. once an epoch."""
+    previous = getattr(_VALUE_CHECKS, "enabled", True)
+    _VALUE_CHECKS.enabled = bool(enabled)
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS.enabled = previous
+
+
 def _values_readable(x: torch.Tensor) -> bool:
-    """False while a CUDA graph is being captured (reading values would sync with the host)."""
+    """False where value checks are off (``value_checks``) or while a CUDA graph is being captured
+    (reading values would sync with the host)."""
+    if not getattr(_VALUE_CHECKS, "enabled", True):
+        return False
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 

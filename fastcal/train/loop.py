@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 from fastcal._checks import fail
 from fastcal._io import atomic_path, write_json_atomic
 from fastcal.data.items import DatasetSplits, ImageListDataset
+from fastcal.losses import value_checks
 from fastcal.methods.base import MethodSpec, PromptMethod, get_method
 from fastcal.models.cache import SeededViews
 from fastcal.models.clip import LoadedClip
@@ -273,7 +274,8 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
     seen = 0
     lr = run.optimizer.param_groups[0]["lr"]
     for batch_inputs, batch_labels in _batches(run, epoch, inputs, labels):
-        with torch.autocast(run.device.type, dtype=torch.float16, enabled=run.amp):
+        # no host sync per step: the epoch's mean loss is checked once, below
+        with value_checks(False), torch.autocast(run.device.type, dtype=torch.float16, enabled=run.amp):
             output = run.method(batch_inputs)
             batch = StepBatch(output, batch_labels, run.method, run.frozen, epoch)
             loss = run.loss(batch)
@@ -288,9 +290,15 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
         correct += (output.logits.detach().argmax(dim=1) == batch_labels).sum()
         seen += n
     run.scheduler.step()
+    mean_loss = float(loss_sum) / max(seen, 1)
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(
+            f"epoch {epoch + 1}: expected a finite training loss, got {mean_loss}; lower the learning rate "
+            "or check the inputs for NaN or inf"
+        )
     return {
         "epoch": epoch + 1,
-        "loss": float(loss_sum) / max(seen, 1),
+        "loss": mean_loss,
         "accuracy": int(correct) / max(seen, 1),
         "lr": lr,
     }

@@ -180,3 +180,35 @@ def test_marginal_entropy():
         LF.marginal_entropy(torch.randn(10))
     with pytest.raises(ValueError, match="logits: expected finite values"):
         LF.marginal_entropy(with_entry(logits, (0, 0), float("inf")))
+
+
+def test_value_checks_off_reads_no_values_but_keeps_shape_checks():
+    nan_image = with_entry(IMAGE, (2, 3), float("nan"))
+    with LF.value_checks(False):
+        loss = LF.calibrated_prompt_loss(nan_image, TEXT, LABELS, 10.0, FROZEN, backend="torch")
+        assert torch.isnan(loss)  # not validated: the NaN reaches the result
+        assert torch.isnan(LF.kgcoop_loss(with_entry(TEXT, (0, 0), float("nan")), FROZEN))
+        with pytest.raises(ValueError, match="labels: expected length 9 to match image_features"):
+            LF.calibrated_prompt_loss(IMAGE, TEXT, LABELS[:5], 10.0, FROZEN)
+        with LF.value_checks(True), pytest.raises(ValueError, match="image_features: expected finite values"):
+            LF.calibrated_prompt_loss(nan_image, TEXT, LABELS, 10.0, FROZEN)  # nested: on again
+        assert torch.isnan(LF.calibrated_prompt_loss(nan_image, TEXT, LABELS, 10.0, FROZEN, backend="torch"))
+    with pytest.raises(ValueError, match="image_features: expected finite values"):
+        LF.calibrated_prompt_loss(nan_image, TEXT, LABELS, 10.0, FROZEN)
+    # the values a check-free call computes are the checked call's
+    with LF.value_checks(False):
+        unchecked = LF.calibrated_prompt_loss(IMAGE, TEXT, LABELS, 10.0, FROZEN, backend="torch")
+    checked = LF.calibrated_prompt_loss(IMAGE, TEXT, LABELS, 10.0, FROZEN, backend="torch")
+    assert torch.equal(unchecked, checked)
+
+
+def test_value_checks_are_per_thread():
+    import threading
+
+    seen = []
+    with LF.value_checks(False):
+        worker = threading.Thread(target=lambda: seen.append(LF._values_readable(IMAGE)))
+        worker.start()
+        worker.join()
+        assert not LF._values_readable(IMAGE)
+    assert seen == [True]

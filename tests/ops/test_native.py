@@ -162,6 +162,29 @@ def test_native_ties_send_the_margin_gradient_to_the_first_runner_up():
 
 
 @needs_native
+@pytest.mark.parametrize("label", [0, 4])
+def test_native_rows_of_nan_give_nan_without_reading_past_the_row(label):
+    # fastcal.ops does not validate values (fastcal.losses does, unless value_checks(False)): a NaN row
+    # has no runner-up value to find, and the search must stay inside the row.
+    image, text, labels, frozen = problem(7, 5, 3, seed=4)
+    image[2] = float("nan")
+    labels[2] = label
+    loss, _ = calibrated_prompt_loss(image, text, labels, 10.0, frozen, backend="native", reduction="none")
+    want, _ = calibrated_prompt_loss(image, text, labels, 10.0, frozen, backend="torch", reduction="none")
+    assert torch.isnan(want[2])  # the margin variance spreads it to every row, in both backends
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+@needs_native
+def test_native_refuses_labels_out_of_range_itself():
+    image, text, labels, frozen = problem(6, 5, 3, seed=5)
+    for bad in (5, -1):
+        labels[3] = bad
+        with pytest.raises(RuntimeError, match=r"expected labels in \[0, 5\)"):
+            calibrated_prompt_loss(image, text, labels, 10.0, frozen, backend="native")
+
+
+@needs_native
 def test_auto_takes_native_on_cpu_and_native_refuses_other_devices():
     assert resolve_backend("auto", torch.device("cpu")) == "native"
     with pytest.raises(ValueError, match="backend: expected CPU tensors for 'native'"):

@@ -237,3 +237,14 @@ def test_sixteen_shots_of_the_testbed_base_classes():
     counts = torch.bincount(torch.tensor([label for _, label in data.train_items]))
     assert counts.tolist() == [16] * 5 and data.train_classnames == ["zero", "one", "two", "three", "four"]
     assert [g.classnames for g in data.groups][1] == ["five", "six", "seven", "eight", "nine"]
+
+
+def test_a_non_finite_epoch_loss_stops_the_run(tmp_path, tiny_clip, synthetic_splits, monkeypatch):
+    class NanRegularizer(CountingRegularizer):
+        def __call__(self, batch):
+            return super().__call__(batch) * float("nan")
+
+    monkeypatch.setitem(REGULARIZERS, "nan", NanRegularizer)
+    run = config(tmp_path, "nan", method="coop", loss="calibrated", regularizers=["nan"])
+    with pytest.raises(FloatingPointError, match="epoch 1: expected a finite training loss, got nan"):
+        train(run, clip=tiny_clip, splits=synthetic_splits)
