@@ -128,7 +128,8 @@ def ce_margin_rows_kernel(
     y = tl.load(labels_ptr + row)
     s = tl.load(scale_ptr).to(acc_ty)
     eps = label_smoothing + tl.zeros([], dtype=acc_ty)
-    g_y = tl.load(base + y)
+    # An out-of-range label (value checks off upstream) must not address memory: its row's CE is NaN.
+    g_y = tl.load(base + y, mask=(y >= 0) & (y < n_cols), other=float("nan"))
 
     # Online log-sum-exp (running max, rescaled sum), runner-up over c != y, sum of cosines.
     run_max = tl.full([], float("-inf"), acc_ty)
@@ -192,6 +193,7 @@ def margin_finalize_kernel(
     ce_mean_ptr,
     margin_reg_ptr,
     n_rows,
+    n_cols,
     stride_grad,
     alpha,
     beta,
@@ -238,10 +240,11 @@ def margin_finalize_kernel(
         if COMPUTE_GRAD:
             a = -alpha + 2.0 * beta * dev
             y = tl.load(labels_ptr + rows, mask=ok, other=0)
+            y_ok = ok & (y >= 0) & (y < n_cols)
             r = tl.load(runner_ptr + rows, mask=ok, other=0)
             target_ptrs = grad_ptr + rows * stride_grad + y
             runner_ptrs = grad_ptr + rows * stride_grad + r
-            tl.store(target_ptrs, tl.load(target_ptrs, mask=ok, other=0.0) + s * a, mask=ok)
+            tl.store(target_ptrs, tl.load(target_ptrs, mask=y_ok, other=0.0) + s * a, mask=y_ok)
             tl.store(runner_ptrs, tl.load(runner_ptrs, mask=ok, other=0.0) - s * a, mask=ok)
             h = tl.load(h_ptr + rows, mask=ok, other=0.0)
             tl.store(h_ptr + rows, h + a * (g_y - g_r), mask=ok)

@@ -249,6 +249,7 @@ class TritonCalibratedLoss(torch.autograd.Function):
             ce_mean,
             margin_reg,
             n_rows,
+            n_classes,
             cos.stride(0),
             alpha,
             beta,

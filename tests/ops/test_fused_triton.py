@@ -122,6 +122,22 @@ def test_triton_without_frozen_features_single_row_and_float_scale():
         assert float(got[1]["moment"]) == 0.0
 
 
+@interpreter_only
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN arithmetic, on purpose
+def test_triton_nan_rows_and_labels_out_of_range_stay_inside_the_rows():
+    # fastcal.ops does not validate values (fastcal.losses does, unless value_checks(False)).
+    image, text, labels, frozen = problem(7, 5, 3, seed=4)
+    image[2] = float("nan")
+    want = calibrated_prompt_loss(image, text, labels, 10.0, frozen, backend="torch", reduction="none")[0]
+    got = calibrated_prompt_loss(image, text, labels, 10.0, frozen, backend="triton", reduction="none")[0]
+    assert torch.isnan(want[2])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, equal_nan=True)
+    image, text, labels, frozen = problem(6, 5, 3, seed=5)
+    labels[3] = 5
+    loss = calibrated_prompt_loss(image, text, labels, 10.0, frozen, backend="triton", reduction="none")[0]
+    assert torch.isnan(loss).all()  # the margin variance spreads the bad row's NaN to every row
+
+
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend: expected CUDA tensors for 'triton'"):
