@@ -165,12 +165,14 @@ def class_text_features(
     *,
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 500,
+    model_key: str | None = None,
 ) -> torch.Tensor:
     """Frozen class-text features ``(C, D)`` float32, L2-normalized, cached on disk.
 
     ``t_c = normalize(mean_k normalize(encode_text(tokenizer(templates[k].format(classnames[c])))))``.
-    Keyed by ``model_fingerprint(model)``, the tokenizer, the class names and the templates; computed
-    with the truncated ``TextEncoder`` (bucketed) in batches of ``batch_size`` prompts.
+    Keyed by ``model_fingerprint(model)`` (or ``model_key``, when the caller has hashed the weights
+    already), the tokenizer, the class names and the templates; computed with the truncated
+    ``TextEncoder`` (bucketed) in batches of ``batch_size`` prompts.
     """
     if isinstance(templates, str):
         templates = [templates]
@@ -180,11 +182,13 @@ def class_text_features(
         expected = "a template string or a non-empty list of them, each with a '{}'"
         raise fail("templates", expected, repr(templates)[:200])
     check_int("batch_size", batch_size, minimum=1)
+    if model_key is not None and (not isinstance(model_key, str) or not model_key):
+        raise fail("model_key", "a non-empty string (model_fingerprint(model)) or None", repr(model_key))
     classnames, templates = list(classnames), list(templates)
     key = {
         "kind": "class_text_features",
         "format": _FORMAT_VERSION,
-        "model": model_fingerprint(model),
+        "model": model_key if model_key is not None else model_fingerprint(model),
         "tokenizer": tokenizer_key(tokenizer),
         "classnames": classnames,
         "templates": templates,

@@ -206,6 +206,7 @@ def build_dor(setup: Any) -> DORegularizer:
         oracle_classnames=oracle,
         cache_dir=cache_root,
         progress=setup.progress,
+        model_key=setup.model_key,
     )
     return DORegularizer(
         pool,

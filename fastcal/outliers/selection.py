@@ -264,13 +264,15 @@ def build_outlier_pool(
     oracle_classnames: Sequence[str] | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    model_key: str | None = None,
 ) -> OutlierPool:
     """Everything DOR needs before training: zero-shot class features, the bank, the pool.
 
     ``vocabulary`` defaults to WordNet's nouns (``wordnet_nouns()``); ``oracle_classnames`` (the new
     classes) is required for, and only used by, ``strategy="oracle"``. ``cache_dir`` is fastcal's cache
     root (default ``default_cache_dir()``): class features go to ``features/``, the bank to
-    ``outliers/``, the WordNet vocabulary to ``wordnet/``.
+    ``outliers/``, the WordNet vocabulary to ``wordnet/``. ``model_key``: ``model_fingerprint(model)``
+    when the caller has it (the caches' key; hashing large weights takes a while).
     """
     from fastcal._io import default_cache_dir
     from fastcal.models.cache import class_text_features
@@ -279,7 +281,7 @@ def build_outlier_pool(
     template = check_template(template)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     class_features = class_text_features(
-        model, tokenizer, list(classnames), template, cache_dir=root / "features"
+        model, tokenizer, list(classnames), template, cache_dir=root / "features", model_key=model_key
     )
     if strategy == "oracle":
         if oracle_classnames is None:
@@ -290,6 +292,12 @@ def build_outlier_pool(
 
         vocabulary = wordnet_nouns(cache_dir=root / "wordnet")
     bank = OutlierBank.build(
-        model, tokenizer, vocabulary, template, cache_dir=root / "outliers", progress=progress
+        model,
+        tokenizer,
+        vocabulary,
+        template,
+        cache_dir=root / "outliers",
+        progress=progress,
+        model_key=model_key,
     )
     return select_outliers(bank, class_features, classnames, k=k, strategy=strategy, seed=seed)

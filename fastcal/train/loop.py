@@ -84,13 +84,25 @@ def harmonic_mean(a: float, b: float) -> float:
     return 0.0 if a + b == 0 else 2.0 * a * b / (a + b)
 
 
-def frozen_class_features(clip: LoadedClip, classnames: list[str], templates: list[str], config: TrainConfig):
+def frozen_class_features(
+    clip: LoadedClip,
+    classnames: list[str],
+    templates: list[str],
+    config: TrainConfig,
+    *,
+    model_key: str | None = None,
+):
     """L2-normalized zero-shot class features of ``config.frozen_templates`` (cached)."""
     from fastcal.models.cache import class_text_features
 
     chosen = templates[:1] if config.frozen_templates == "hard" else templates
     return class_text_features(
-        clip.model, clip.tokenizer, classnames, chosen, cache_dir=feature_cache_dir(config.cache_dir)
+        clip.model,
+        clip.tokenizer,
+        classnames,
+        chosen,
+        cache_dir=feature_cache_dir(config.cache_dir),
+        model_key=model_key,
     )
 
 
@@ -162,8 +174,11 @@ def prepare(
     data = run_data(splits, shots=config.shots, seed=config.seed, protocol=config.protocol)
 
     _seed_everything(config.seed)
+    model_key = model_fingerprint(clip.model)  # the frozen CLIP's weights, hashed once for every cache
     method = build_method(spec, clip, data.train_classnames, method_options(spec, config)).to(device)
-    frozen = frozen_class_features(clip, data.train_classnames, data.templates, config).to(device)
+    frozen = frozen_class_features(
+        clip, data.train_classnames, data.templates, config, model_key=model_key
+    ).to(device)
 
     def setup(name: str) -> RegularizerSetup:
         return RegularizerSetup(
@@ -171,6 +186,7 @@ def prepare(
             method_name=spec.name,
             method=method,
             model=clip.model,
+            model_key=model_key,
             tokenizer=clip.tokenizer,
             classnames=data.train_classnames,
             templates=data.templates,
@@ -209,7 +225,7 @@ def prepare(
         data=data,
         method=method,
         device=device,
-        model_key=model_fingerprint(clip.model),
+        model_key=model_key,
         frozen=frozen,
         loss=build_loss(config.to_dict()),
         regularizers=regularizers,

@@ -63,6 +63,7 @@ class StepBatch:
 class RegularizerSetup:
     """What a regularizer factory may read: the model, the training classes, its options and the run.
 
+    ``model_key`` is ``model_fingerprint(model)`` (for cache keys, without hashing the weights again);
     ``options`` are the run's ``regularizer_options[name]``; ``config`` the run's whole (resolved)
     config as a dict.
     """
@@ -71,6 +72,7 @@ class RegularizerSetup:
     method_name: str
     method: PromptMethod
     model: nn.Module
+    model_key: str
     tokenizer: Any
     classnames: list[str]
     templates: list[str]

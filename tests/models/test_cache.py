@@ -228,6 +228,16 @@ def test_class_text_features_are_cached_per_model_and_templates(tiny, tmp_path, 
         changed = class_text_features(model, tokenizer, CLASSNAMES, TEMPLATES, cache_dir=tmp_path)
     assert sum(calls) == len(CLASSNAMES) * (len(TEMPLATES) + 2 + len(TEMPLATES))
     assert not torch.allclose(changed, first, atol=1e-4)
+    # a caller's model_key is the key: the fingerprint finds the file, another key is another file
+    calls.clear()
+    keyed = class_text_features(
+        model, tokenizer, CLASSNAMES, TEMPLATES, cache_dir=tmp_path, model_key=model_fingerprint(model)
+    )
+    assert calls == [] and torch.equal(keyed, changed)
+    class_text_features(model, tokenizer, CLASSNAMES, TEMPLATES, cache_dir=tmp_path, model_key="other")
+    assert sum(calls) == len(CLASSNAMES) * len(TEMPLATES)
+    with pytest.raises(ValueError, match="model_key: expected a non-empty string"):
+        class_text_features(model, tokenizer, CLASSNAMES, TEMPLATES, cache_dir=tmp_path, model_key="")
 
 
 def test_class_text_features_default_cache_dir_and_validation(tiny, cache_dir):

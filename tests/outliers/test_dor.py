@@ -13,6 +13,7 @@ from torch import nn
 from fastcal.methods.cocoop import CoCoOp
 from fastcal.methods.coop import CoOp
 from fastcal.methods.maple import MaPLe
+from fastcal.models.fingerprint import model_fingerprint
 from fastcal.outliers.bank import OutlierBank
 from fastcal.outliers.dor import DORegularizer, build_dor, dor_weight, tuned_term_features
 from fastcal.outliers.selection import select_outliers
@@ -181,6 +182,7 @@ def _setup(model, tokenizer, method_name, method, options, tmp_path, extras=None
         method_name=method_name,
         method=method,
         model=model,
+        model_key=model_fingerprint(model),
         tokenizer=tokenizer,
         classnames=CLASSNAMES,
         templates=[TEMPLATE, "a drawing of a {}."],

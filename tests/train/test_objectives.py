@@ -67,7 +67,8 @@ def test_per_image_calibrated_loss_reduces_to_the_shared_one():
 
 
 def setup_for(options, config):
-    fields = {"method": None, "model": None, "tokenizer": None, "classnames": [], "templates": []}
+    fields = {"method": None, "model": None, "model_key": "k", "tokenizer": None}
+    fields.update(classnames=[], templates=[])
     return RegularizerSetup(
         name="kgcoop",
         method_name="kgcoop",
