@@ -243,20 +243,27 @@ def kgcoop_loss(
     return _reduce((t - t0).pow(2).sum(dim=-1), reduction)
 
 
-def text_dispersion(text_features: torch.Tensor) -> torch.Tensor:
-    """ATFD of C-TPT: mean_c ||t_c - centroid||_2 over L2-normalized class text features (0-dim).
+def text_dispersion(text_features: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """ATFD of C-TPT: mean_c ||t_c - centroid||_2 over L2-normalized class text features.
 
     Yoon et al., "C-TPT: Calibrated Test-Time Prompt Tuning for Vision-Language Models via Text Feature
     Dispersion", ICLR 2024 (hee-suk-yoon/C-TPT); centroid = mean_c t_c of the normalized features.
+
+    text_features: (C, D) -> 0-dim; or (S, C, D), one class set per sample (batched TPT) -> one ATFD
+    per sample, reduced over S with ``reduction`` ("mean", "sum" or "none").
     """
-    _check_features("text_features", text_features)
+    check_tensor("text_features", text_features, ndim=(2, 3), floating=True, finite=False)
+    check_choice("reduction", reduction, REDUCTIONS)
+    _check_features("text_features", text_features.reshape(-1, text_features.shape[-1]))
     t = F.normalize(text_features, dim=-1)
-    return (t - t.mean(dim=0, keepdim=True)).norm(dim=-1).mean()
+    dispersion = (t - t.mean(dim=-2, keepdim=True)).norm(dim=-1).mean(dim=-1)
+    return dispersion if text_features.ndim == 2 else _reduce(dispersion, reduction)
 
 
-def dispersion_loss(text_features: torch.Tensor) -> torch.Tensor:
-    """-ATFD: minimizing it spreads the class text features (C-TPT adds lambda times this to the entropy)."""
-    return -text_dispersion(text_features)
+def dispersion_loss(text_features: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """-ATFD: minimizing it spreads the class text features (C-TPT adds lambda times this to the entropy).
+    Shapes and ``reduction`` as ``text_dispersion``."""
+    return -text_dispersion(text_features, reduction=reduction)
 
 
 def outlier_drift_loss(

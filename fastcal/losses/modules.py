@@ -81,15 +81,19 @@ class KgCoOpLoss(nn.Module):
 class TextDispersion(nn.Module):
     """C-TPT's ATFD, mean_c ||t_c - centroid|| (see ``text_dispersion``)."""
 
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+
     def forward(self, text_features: torch.Tensor) -> torch.Tensor:
-        return LF.text_dispersion(text_features)
+        return LF.text_dispersion(text_features, reduction=self.reduction)
 
 
-class DispersionLoss(nn.Module):
+class DispersionLoss(TextDispersion):
     """-ATFD (see ``dispersion_loss``)."""
 
     def forward(self, text_features: torch.Tensor) -> torch.Tensor:
-        return LF.dispersion_loss(text_features)
+        return LF.dispersion_loss(text_features, reduction=self.reduction)
 
 
 class OutlierDriftLoss(nn.Module):

@@ -188,8 +188,7 @@ class TestTimeStep:
         chosen = logits.gather(1, self.selected[:, :, None].expand(-1, -1, logits.shape[-1]))
         loss = marginal_entropy(chosen, reduction="none")  # (S,)
         if self.config.dispersion_weight > 0:
-            dispersion = torch.stack([text_dispersion(sample_text) for sample_text in text])
-            loss = loss - self.config.dispersion_weight * dispersion
+            loss = loss - self.config.dispersion_weight * text_dispersion(text, reduction="none")
         return loss
 
     def run(self) -> None:

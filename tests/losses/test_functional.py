@@ -134,6 +134,30 @@ def test_text_dispersion_and_dispersion_loss():
         LF.text_dispersion(with_entry(TEXT, (1, 1), float("nan")))
 
 
+def atfd_by_hand(text):
+    """Float64 loops: mean_c ||t_c - centroid|| over normalized rows."""
+    rows = [[float(v) for v in row] for row in text]
+    rows = [[v / math.sqrt(sum(u * u for u in row)) for v in row] for row in rows]
+    centroid = [sum(column) / len(rows) for column in zip(*rows, strict=True)]
+    return sum(math.dist(row, centroid) for row in rows) / len(rows)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_text_dispersion_per_sample_class_sets(reduction):
+    texts = torch.randn(3, 7, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    per_sample = torch.tensor([atfd_by_hand(t) for t in texts], dtype=torch.float64)
+    want = {"mean": per_sample.mean(), "sum": per_sample.sum(), "none": per_sample}[reduction]
+    torch.testing.assert_close(LF.text_dispersion(texts, reduction=reduction), want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(LF.dispersion_loss(texts, reduction=reduction), -want, rtol=1e-12, atol=0)
+    assert torch.autograd.gradcheck(
+        lambda t: LF.text_dispersion(t, reduction=reduction), (texts.clone().requires_grad_(),)
+    )
+    with pytest.raises(ValueError, match="text_features: expected rows with a nonzero norm"):
+        LF.text_dispersion(with_entry(texts, (2, 4), 0.0))
+    with pytest.raises(ValueError, match="text_features: expected a 2-D or 3-D tensor"):
+        LF.text_dispersion(texts[None])
+
+
 def test_outlier_drift_loss():
     tuned, frozen = IMAGE, IMAGE + 0.3 * torch.randn_like(IMAGE)
     cos = (tuned * frozen).sum(-1) / (tuned.norm(dim=-1) * frozen.norm(dim=-1))
