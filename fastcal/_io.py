@@ -98,9 +98,18 @@ def key_digest(key: Mapping[str, Any], length: int = 16) -> str:
     return hashlib.sha256(canonical_json(key).encode()).hexdigest()[:length]
 
 
+def _jsonl_lines(records: Iterable[Mapping[str, Any]]) -> str:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> None:
+    """Replace ``path`` with these records as JSON lines, atomically."""
+    write_bytes_atomic(path, _jsonl_lines(records).encode())
+
+
 def append_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> None:
     """Append records as JSON lines, then flush and fsync, so a kill loses at most this batch."""
-    lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+    lines = _jsonl_lines(records)
     if not lines:
         return
     path = Path(path)

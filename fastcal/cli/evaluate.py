@@ -20,6 +20,8 @@ from fastcal.cli import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastcal.train.transfer import GROUP_CHOICES
+
     parser.add_argument(
         "--run",
         dest="run_dir",
@@ -37,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--groups",
         default="auto",
-        choices=("auto", "base", "new", "base_new", "all"),
+        choices=GROUP_CHOICES,
         help="class groups (auto: base and new for the training dataset, all classes for others)",
     )
     parser.add_argument(

@@ -144,7 +144,8 @@ def predict_logits(
     loader = DataLoader(
         share, batch_size=batch_size, num_workers=num_workers, pin_memory=context.device.type == "cuda"
     )
-    was_training = classifier.training
+    # each module's own mode, restored below (a fresh wrapper's flag says nothing of the tower it wraps)
+    modes = [(module, module.training) for module in classifier.modules()]
     classifier.eval()
     parts = []
     batches = tqdm(
@@ -153,7 +154,8 @@ def predict_logits(
     for images, _ in batches:
         with autocast(precision, context.device):
             parts.append(classifier(images.to(context.device, non_blocking=True)).float())
-    classifier.train(was_training)
+    for module, mode in modes:  # parents come before their children: each ends in its own mode
+        module.training = mode
     width = len(eval_set.classifier_classnames)
     local = torch.cat(parts) if parts else torch.empty(0, width, device=context.device)
     logits = eval_set.project(gather_rows(local, context).cpu())

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from fastcal.data.items import list_images
-from fastcal.data.templates import imagenet_templates
+from fastcal.data.templates import dataset_templates
 from fastcal.finetune.evaluate import EvalSet
 
 FOLDER = "objectnet-1.0"
@@ -73,7 +73,7 @@ def load_objectnet(root: str | os.PathLike, imagenet_classnames: list[str]) -> E
     return EvalSet(
         "objectnet",
         classnames,
-        imagenet_templates(),
+        dataset_templates("imagenet"),  # the ImageNet head's templates, in its order (one cache entry)
         items,
         scored_classnames=list(imagenet_classnames),
         columns=tuple(columns),

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from fastcal._checks import check_int, fail
-from fastcal._io import append_jsonl, load_tensors, save_tensors
+from fastcal._io import append_jsonl, load_tensors, read_jsonl, save_tensors, write_jsonl_atomic
 from fastcal.finetune.config import FinetuneConfig
 from fastcal.finetune.data import GlobalBatchSampler, TrainingViews
 from fastcal.finetune.distributed import (
@@ -216,6 +216,13 @@ def _to_device(batch: Any, device: torch.device) -> tuple[torch.Tensor, ...]:
     return tuple(torch.as_tensor(x).to(device, non_blocking=non_blocking) for x in batch)
 
 
+def _drop_records_after(log_path: Path, step: int) -> None:
+    """A run resumed from its checkpoint at ``step`` logs the steps after it again: drop their old records
+    (those of the interrupted run) and a torn last line, so the log holds each step once."""
+    if log_path.exists():
+        write_jsonl_atomic(log_path, [r for r in read_jsonl(log_path) if r.get("step", 0) <= step])
+
+
 def train(
     finetuner: Finetuner,
     dataset: TrainingViews,
@@ -250,6 +257,8 @@ def train(
         else min(check_int("until", until, minimum=1), finetuner.total_steps)
     )
     context = finetuner.context
+    if log_path is not None and context.is_main:
+        _drop_records_after(Path(log_path), finetuner.step)
     sampler = GlobalBatchSampler(
         len(dataset),
         finetuner.config.batch_size,

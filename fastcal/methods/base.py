@@ -64,10 +64,11 @@ def clip_logits(
     ``text_features`` is (C, D), shared by all images, or (B, C, D), one classifier per image.
     """
     dtype = torch.promote_types(torch.promote_types(image_features.dtype, text_features.dtype), torch.float32)
-    f = F.normalize(image_features.to(dtype), dim=-1)
-    t = F.normalize(text_features.to(dtype), dim=-1)
-    scale = logit_scale.to(dtype).exp()
-    logits = scale * (f @ t.T if t.ndim == 2 else torch.einsum("bd,bcd->bc", f, t))
+    with torch.autocast(image_features.device.type, enabled=False):  # an AMP step would round to fp16
+        f = F.normalize(image_features.to(dtype), dim=-1)
+        t = F.normalize(text_features.to(dtype), dim=-1)
+        scale = logit_scale.to(dtype).exp()
+        logits = scale * (f @ t.T if t.ndim == 2 else torch.einsum("bd,bcd->bc", f, t))
     return MethodOutput(logits, f, t, scale)
 
 

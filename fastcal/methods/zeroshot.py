@@ -105,18 +105,22 @@ def encode_images(
     *,
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 128,
+    num_workers: int = 0,
     progress: bool = True,
+    model_key: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen image features (N, D) and labels (N,) of ``items`` under the eval transform, cached."""
+    """Frozen image features (N, D) and labels (N,) of ``items`` under the eval transform, cached.
+    ``model_key``: ``model_fingerprint(clip.model)`` when the caller has it (hashing takes a while)."""
     dataset = ImageListDataset(items, classnames, clip.eval_transform)
     with torch.no_grad():
         return image_features(
             clip.model.encode_image,
             dataset,
-            model_key=model_fingerprint(clip.model),
+            model_key=model_key if model_key is not None else model_fingerprint(clip.model),
             transform_key=transform_fingerprint(clip.eval_transform),
             cache_dir=cache_dir,
             batch_size=batch_size,
+            num_workers=num_workers,
             progress=progress,
         )
 
@@ -208,7 +212,7 @@ def zeroshot_report(
 
     calibration_split = "val" if splits.val else "train"
     calibration_items = splits.val or splits.train
-    encode = {"cache_dir": cache_dir, "progress": progress}
+    encode = {"cache_dir": cache_dir, "progress": progress, "model_key": model_fingerprint(clip.model)}
     test_features, test_labels = encode_images(clip, splits.test, splits.classnames, **encode)
     cal_rows = None
     if calibration_items:

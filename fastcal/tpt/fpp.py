@@ -150,12 +150,13 @@ def pretrain_context(
         optimizer, T_max=max(config.steps, 1), eta_min=config.min_lr
     )
     for _ in tqdm(range(config.steps), desc="FPP pretraining", disable=not progress, leave=False):
+        prompts = learner.prompt_embeddings(ctx)  # (C, T, W), once for the clean and the noisy prompts
         with torch.no_grad():
             noise = prompt_noise(learner, config.n_noise, config.ctx_noise, config.token_noise, generator)
-            noisy = (learner.prompt_embeddings(ctx).unsqueeze(0) + noise).flatten(0, 1)
+            noisy = (prompts.detach().unsqueeze(0) + noise).flatten(0, 1)
             noisy_features = noisy_encoder.encode_embeddings(noisy, noisy_ids).float()
             noisy_features = noisy_features.view(config.n_noise, learner.num_classes, -1)
-        text = learner(ctx).float()
+        text = learner.text_encoder.encode_embeddings(prompts, learner.token_ids).float()
         align, flat = fpp_losses(text, reference, noisy_features, weight)
         optimizer.zero_grad(set_to_none=True)
         (align + flat).backward()

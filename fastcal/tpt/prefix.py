@@ -114,14 +114,20 @@ class PackedPrompts(nn.Module):
                 readout[c] = s * length + prefix_length + slot + rest[c] - 1
                 slot += rest[c]
 
+        # everything but the context is fixed: the suffix slots and the prefix positions hold their
+        # positional embeddings already
         suffix = learner.token_suffix.detach()
         gathered = suffix[source_class.clamp(min=0).to(device), source_offset.to(device)]
         filled = (source_class >= 0).to(device)[..., None]
+        position_embedding = tower.positional_embedding.detach()
+        suffix_positions = position_embedding[positions[:, prefix_length:].to(device)]
         self.register_buffer(
-            "suffix", torch.where(filled, gathered, torch.zeros_like(gathered)), persistent=False
+            "suffix",
+            torch.where(filled, gathered, torch.zeros_like(gathered)) + suffix_positions,
+            persistent=False,
         )
         self.register_buffer("start", learner.token_prefix[0].detach().clone(), persistent=False)  # (1, W)
-        self.register_buffer("positions", positions.to(device), persistent=False)
+        self.register_buffer("prefix_positions", position_embedding[:prefix_length].clone(), persistent=False)
         self.register_buffer("readout", readout.to(device), persistent=False)
 
         index = torch.arange(length)
@@ -133,7 +139,8 @@ class PackedPrompts(nn.Module):
         mask = torch.zeros(n_seq, length, length).masked_fill(~allowed, float("-inf"))
         heads = tower.transformer.resblocks[0].attn.num_heads
         batched = mask.repeat(samples, 1, 1).repeat_interleave(heads, dim=0)  # (S * n_seq * heads, L, L)
-        self.register_buffer("mask", batched.to(device), persistent=False)
+        cast = tower.transformer.get_cast_dtype()
+        self.register_buffer("mask", batched.to(device=device, dtype=cast), persistent=False)
         self.n_sequences = n_seq
         self.length = length
         self.prefix_length = prefix_length
@@ -151,6 +158,7 @@ class PackedPrompts(nn.Module):
         cast = tower.transformer.get_cast_dtype()
         width = self.suffix.shape[-1]
         prefix = torch.cat([self.start.expand(s, 1, width), ctx.to(self.start.dtype)], dim=1)  # (S, P, W)
+        prefix = prefix + self.prefix_positions
         x = torch.cat(
             [
                 prefix[:, None].expand(s, self.n_sequences, -1, -1),
@@ -158,7 +166,6 @@ class PackedPrompts(nn.Module):
             ],
             dim=2,
         ).reshape(s * self.n_sequences, self.length, width)
-        x = (x + tower.positional_embedding[self.positions].repeat(s, 1, 1)).to(cast)
-        x = tower.ln_final(tower.transformer(x, attn_mask=self.mask.to(cast)))
-        pooled = x.reshape(s, self.n_sequences * self.length, width)[:, self.readout]  # (S, C, W)
-        return project_pooled(tower, pooled)
+        x = tower.transformer(x.to(cast), attn_mask=self.mask.to(cast))
+        read = x.reshape(s, self.n_sequences * self.length, width)[:, self.readout]  # (S, C, W)
+        return project_pooled(tower, tower.ln_final(read))  # LayerNorm is per token: only the read rows

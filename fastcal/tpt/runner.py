@@ -575,8 +575,8 @@ def merge(
     num_classes = len(task.classnames)
     metrics = {str(n): report_from_records(records, num_classes, n) for n in ECE_BINS}
     diagrams = []
+    probs, labels = surrogate_rows(records, max(num_classes, 2))
     for n in ECE_BINS:
-        probs, labels = surrogate_rows(records, max(num_classes, 2))
         name = f"reliability_{n}.png"
         title = f"{config.method} on {task.name} ({n} bins)"
         reliability_diagram(probs, labels, n_bins=n, path=output / name, title=title)

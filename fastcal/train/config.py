@@ -171,10 +171,10 @@ class TrainConfig:
         for name in ("lr", "warmup_lr"):
             if getattr(self, name) is not None:
                 check_number(name, getattr(self, name), minimum=0.0, strict_minimum=True)
-        for name in ("momentum", "weight_decay", "kgcoop_weight", "margin_beta", "moment_weight"):
+        for name in ("momentum", "weight_decay", "kgcoop_weight", "margin_alpha", "margin_beta"):
             if getattr(self, name) is not None:
                 check_number(name, getattr(self, name), minimum=0.0)
-        check_number("margin_alpha", self.margin_alpha)
+        check_number("moment_weight", self.moment_weight, minimum=0.0)
         check_number("init_std", self.init_std, minimum=0.0, strict_minimum=True)
         if self.label_smoothing is not None:
             check_number("label_smoothing", self.label_smoothing, minimum=0.0, maximum=1.0)
@@ -206,11 +206,6 @@ class TrainConfig:
             if values[key] is None:
                 raise fail(key, f"a value (the {self.method} recipe has none)", None)
         return TrainConfig.from_dict(values)
-
-    def recipe_source(self) -> str:
-        from fastcal.methods.base import get_method
-
-        return get_method(self.method).source
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

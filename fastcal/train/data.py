@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ from fastcal._checks import check_int
 from fastcal.data.items import DatasetSplits, Item
 from fastcal.models.clip import LoadedClip
 
-TESTBED_NAME = "testbed"
 RRCROP_SCALE = (0.08, 1.0)
 
 
@@ -145,7 +143,3 @@ def epoch_batches(n_items: int, batch_size: int, *, seed: int, epoch: int) -> li
     if n_items >= batch_size and len(batches[-1]) < batch_size:
         batches.pop()
     return batches
-
-
-def labels_of(items: Sequence[Item]) -> torch.Tensor:
-    return torch.tensor([label for _, label in items], dtype=torch.long)

@@ -260,6 +260,8 @@ def _epoch_inputs(run: Run, epoch: int) -> tuple[Any, torch.Tensor | None]:
             transform_key=transform_fingerprint(run.train_transform),
             epoch=view_epoch,
             cache_dir=feature_cache_dir(config.cache_dir),
+            batch_size=config.eval_batch_size,
+            num_workers=config.num_workers,
             progress=config.progress,
         )
     return features.to(run.device), labels.to(run.device)
@@ -270,8 +272,9 @@ def _batches(run: Run, epoch: int, inputs: Any, labels: torch.Tensor | None):
     n = len(run.data.train_items)
     batches = epoch_batches(n, config.batch_size, seed=config.seed, epoch=epoch)
     if labels is not None:
-        for index in batches:
-            index = index.to(run.device)
+        # one host-to-device copy per epoch (a blocking copy per step would wait for the GPU each time)
+        order = torch.cat(batches).to(run.device)
+        for index in order.split([len(b) for b in batches]):
             yield inputs[index], labels[index]
         return
     loader = DataLoader(inputs, batch_sampler=[b.tolist() for b in batches], num_workers=config.num_workers)
@@ -333,6 +336,7 @@ def predict(
     cache_dir: Any = None,
     progress: bool = False,
     num_workers: int = 0,
+    model_key: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax probabilities (N, C) and labels (N,) of ``items`` over ``classnames`` (eval transform).
 
@@ -340,6 +344,7 @@ def predict(
     """
     method.eval()
     method.set_classnames(classnames)
+    images_per_batch = batch_size
     if method.per_image_prompts:
         batch_size = max(1, min(batch_size, EVAL_PROMPTS_PER_BATCH // len(classnames)))
     probs = []
@@ -347,7 +352,14 @@ def predict(
         from fastcal.methods.zeroshot import encode_images
 
         features, labels = encode_images(
-            clip, items, classnames, cache_dir=feature_cache_dir(cache_dir), progress=progress
+            clip,
+            items,
+            classnames,
+            cache_dir=feature_cache_dir(cache_dir),
+            batch_size=images_per_batch,
+            num_workers=num_workers,
+            progress=progress,
+            model_key=model_key,
         )
         for chunk in features.split(batch_size):
             probs.append(method(chunk.to(device)).logits.float().softmax(dim=-1).cpu())
@@ -377,6 +389,7 @@ def evaluate_groups(run: Run, output: Path | None) -> dict[str, Any]:
             cache_dir=config.cache_dir,
             progress=config.progress,
             num_workers=config.num_workers,
+            model_key=run.model_key,
         )
         results[group.name] = calibration_report(probs, labels, n_bins=config.n_bins)
         if output is not None:

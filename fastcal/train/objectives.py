@@ -161,7 +161,8 @@ def register_regularizer(name: str, factory: str | Callable[[RegularizerSetup], 
 def build_regularizers(
     names: Sequence[str], make_setup: Callable[[str], RegularizerSetup]
 ) -> list[Regularizer]:
-    """Instantiate the named regularizers (in order, duplicates dropped) from ``REGULARIZERS``."""
+    """Instantiate the named regularizers (in order, duplicates dropped) from ``REGULARIZERS``; one whose
+    ``weight`` is 0 adds nothing and is left out rather than computed at every step."""
     built = []
     for name in dict.fromkeys(names):
         check_choice("regularizers", name, REGULARIZERS)
@@ -169,7 +170,9 @@ def build_regularizers(
         if isinstance(factory, str):
             module_name, _, attr = factory.partition(":")
             factory = getattr(importlib.import_module(module_name), attr)
-        built.append(factory(make_setup(name)))
+        regularizer = factory(make_setup(name))
+        if getattr(regularizer, "weight", None) != 0:
+            built.append(regularizer)
     return built
 
 
@@ -216,7 +219,7 @@ class CalibratedLoss:
                 out.text_features,
                 batch.labels,
                 out.logit_scale,
-                batch.frozen_text_features,
+                batch.frozen_text_features if self.moment_weight else None,  # w = 0: no moment statistics
             )
         return _per_image_calibrated(self, out, batch.labels, batch.frozen_text_features)
 
@@ -237,7 +240,7 @@ def _per_image_calibrated(
     logits = out.logits.to(dtype)
     ce = F.cross_entropy(logits, labels, label_smoothing=loss.label_smoothing)
     target = logits.gather(1, labels[:, None]).squeeze(1)
-    runner_up = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(dim=1)
+    runner_up = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).max(dim=1).values
     margin = target - runner_up
     total = ce - loss.margin_alpha * margin.mean() + loss.margin_beta * margin.var(unbiased=False)
     if loss.moment_weight:

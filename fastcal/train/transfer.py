@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from fastcal._checks import fail
+from fastcal._checks import check_choice, fail
 from fastcal.data.items import DatasetSplits
 from fastcal.models.clip import LoadedClip
 from fastcal.train.data import EvalGroup
@@ -59,9 +59,11 @@ def load_saved_clip(metadata: dict[str, Any], *, cache_dir: str | os.PathLike | 
 
 
 def target_groups(splits: DatasetSplits, groups: str) -> tuple[EvalGroup, ...]:
-    """The class groups of ``splits`` to evaluate: base, new, both, or all classes."""
+    """The class groups of ``splits`` to evaluate: base, new, both, or all classes (``"auto"`` is
+    resolved by the caller)."""
     from fastcal.data.protocols import base_new_split
 
+    check_choice("groups", groups, [g for g in GROUP_CHOICES if g != "auto"])
     if groups == "all":
         return (EvalGroup("all", list(splits.classnames), list(splits.test)),)
     halves = base_new_split(splits)
@@ -93,7 +95,10 @@ def evaluate_saved_prompt(
     from fastcal.metrics import calibration_report, reliability_diagram
 
     metadata = prompt_metadata(run)
-    clip = clip if clip is not None else load_saved_clip(metadata, cache_dir=cache_dir)
+    model_key = None
+    if clip is None:
+        clip = load_saved_clip(metadata, cache_dir=cache_dir)
+        model_key = metadata["model"]["fingerprint"]  # load_saved_clip checked the weights against it
     device = torch.device(device)
     clip.model.to(device)
     method = load_prompt(run, clip, device=device)
@@ -116,6 +121,7 @@ def evaluate_saved_prompt(
                 batch_size=batch_size,
                 cache_dir=cache_dir,
                 progress=progress,
+                model_key=model_key,
             )
             reports[group.name] = calibration_report(probs, labels, n_bins=n_bins)
             if output is not None:

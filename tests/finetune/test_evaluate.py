@@ -84,6 +84,15 @@ def _classifier(tiny, classes=3):
 TRANSFORM = T.Compose([T.CenterCrop(16), T.ToTensor()])
 
 
+@pytest.mark.parametrize("visual_training", [False, True])
+def test_predict_logits_leaves_every_module_in_its_mode(tiny_clip, visual_training):
+    model, classifier = _classifier(tiny_clip)
+    model.visual.train(visual_training)  # a fresh wrapper (training=True) around a tower in eval mode
+    eval_set = EvalSet("s", ["a", "b", "c"], ["{}"], _items(5, 3, seed=6))
+    predict_logits(classifier, eval_set, TRANSFORM, batch_size=4)
+    assert classifier.training and all(m.training == visual_training for m in model.visual.modules())
+
+
 def test_predict_logits_in_item_order_with_preprocess(tiny_clip):
     model, classifier = _classifier(tiny_clip)
     items = _items(11, 3, seed=0)

@@ -195,3 +195,31 @@ def test_a_model_frozen_by_an_earlier_user_is_fine_tuned(tiny_clip, method_name)
     if method_name != "ft":
         assert all(id(p) in trained for p in model.transformer.parameters())
         assert id(model.logit_scale) in trained
+
+
+def test_a_resumed_run_logs_each_step_once(tiny_clip, tmp_path):
+    key, log = {"run": "log"}, tmp_path / "log.jsonl"
+    views = _views(tiny_clip, "flyp")
+    checkpoint = tmp_path / "checkpoint.safetensors"
+    first = _finetuner(tiny_clip, "flyp")
+    # checkpoint at step 2, logged up to step 4, then "killed" mid-write of the next record
+    train(
+        first,
+        views,
+        checkpoint_path=checkpoint,
+        checkpoint_key=key,
+        checkpoint_every=2,
+        until=2,
+        log_path=log,
+        log_every=1,
+        progress=False,
+    )
+    train(first, views, until=4, log_path=log, log_every=1, progress=False)
+    with open(log, "a") as torn:
+        torn.write('{"loss": 1.0, "st')
+    assert [r["step"] for r in read_jsonl(log)] == [1, 2, 3, 4]
+    resumed = _finetuner(tiny_clip, "flyp")
+    assert resumed.load_checkpoint(checkpoint, key) and resumed.step == 2
+    train(resumed, views, log_path=log, log_every=1, progress=False)
+    assert [r["step"] for r in read_jsonl(log)] == [1, 2, 3, 4, 5]
+    assert log.read_text().count("\n") == 5  # the torn line is gone too

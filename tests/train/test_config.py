@@ -72,6 +72,7 @@ def test_command_line_strings_are_typed():
         ({"protocol": "fewshot"}, "protocol"),
         ({"shots": 0}, "shots"),
         ({"lr": -1.0}, "lr"),
+        ({"margin_alpha": -0.1}, "margin_alpha: expected a number >= 0"),
         ({"dataset": "dtd"}, "root"),
         ({"regularizer_options": {"dor": {}}}, "regularizer_options"),
     ],

@@ -106,3 +106,40 @@ def test_regularizer_registry(monkeypatch):
         build_regularizers(["nope"], lambda name: None)
     with pytest.raises(ValueError, match="factory"):
         register_regularizer("bad", 3)
+
+
+def test_a_zero_weight_regularizer_is_left_out_and_a_zero_moment_weight_skips_the_moments(monkeypatch):
+    assert build_regularizers(["kgcoop"], lambda name: setup_for({"weight": 0.0}, {})) == []
+    step, _ = batch((11, 13), seed=3)
+    calls = []
+    import fastcal.losses.functional as LF
+
+    real = LF.calibrated_prompt_loss
+
+    def spy(*args, **kwargs):
+        calls.append(args[4] if len(args) > 4 else kwargs.get("frozen_text_features"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(LF, "calibrated_prompt_loss", spy)
+    without = build_loss({"loss": "calibrated", **LOSS_CONFIG, "moment_weight": 0.0})(step)
+    assert calls == [None]  # no frozen features: the fused op computes no moment statistics
+    out = step.output
+    want = calibrated_prompt_loss(
+        out.image_features,
+        out.text_features,
+        step.labels,
+        out.logit_scale,
+        margin_alpha=0.1,
+        margin_beta=0.01,
+    )
+    torch.testing.assert_close(without, want, rtol=1e-12, atol=1e-12)
+
+
+def test_clip_logits_stay_float32_under_autocast():
+    generator = torch.Generator().manual_seed(4)
+    image, text = torch.randn(5, 9, generator=generator), torch.randn(7, 9, generator=generator)
+    plain = clip_logits(image, text, torch.tensor(4.6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = clip_logits(image, text, torch.tensor(4.6))
+    assert mixed.logits.dtype == torch.float32
+    torch.testing.assert_close(mixed.logits, plain.logits, rtol=1e-6, atol=1e-5)
