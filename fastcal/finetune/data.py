@@ -17,7 +17,6 @@ resumed run continues with exactly the batches an uninterrupted run would have s
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -25,26 +24,19 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from fastcal._checks import check_int, fail
+from fastcal._seeds import derived_seed
 from fastcal.data.items import Item, load_image, seeded_generators
-
-
-def _digest(text: str) -> bytes:
-    return hashlib.sha256(text.encode()).digest()
-
-
-def _seed(raw: bytes) -> int:
-    return int.from_bytes(raw, "little") & ((1 << 63) - 1)
 
 
 def view_seed_and_draw(seed: int, epoch: int, index: int) -> tuple[int, int]:
     """The augmentation seed and the caption draw of image ``index`` in ``epoch``."""
-    digest = _digest(f"fastcal-finetune-view:{seed}:{epoch}:{index}")
-    return _seed(digest[:8]), _seed(digest[8:16])
+    label = f"fastcal-finetune-view:{seed}:{epoch}:{index}"
+    return derived_seed(label), derived_seed(label, 1)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The visiting order of ``n`` images in ``epoch`` (a seeded permutation)."""
-    generator = torch.Generator().manual_seed(_seed(_digest(f"fastcal-finetune-order:{seed}:{epoch}")[:8]))
+    generator = torch.Generator().manual_seed(derived_seed(f"fastcal-finetune-order:{seed}:{epoch}"))
     return torch.randperm(n, generator=generator)
 
 

@@ -94,12 +94,16 @@ def clip_classifier(
     templates: Sequence[str],
     *,
     cache_dir: str | os.PathLike | None = None,
+    model_key: str | None = None,
 ) -> FeatureClassifier:
-    """Zero-shot CLIP over ``classnames`` with the prompt ensemble ``templates`` (module docstring)."""
+    """Zero-shot CLIP over ``classnames`` with the prompt ensemble ``templates`` (module docstring);
+    ``model_key``: ``model_fingerprint(model)`` when the caller has it (the class features' cache key)."""
     from fastcal.finetune.ft import zero_shot_head
     from fastcal.models.cache import class_text_features
 
-    features = class_text_features(model, tokenizer, list(classnames), list(templates), cache_dir=cache_dir)
+    features = class_text_features(
+        model, tokenizer, list(classnames), list(templates), cache_dir=cache_dir, model_key=model_key
+    )
     weight = zero_shot_head(features.to(model.logit_scale.device), model.logit_scale)
     return FeatureClassifier(model.visual, weight)
 

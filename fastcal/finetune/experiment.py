@@ -46,6 +46,7 @@ from fastcal.finetune.evaluate import (
     evaluate,
     head_classifier,
 )
+from fastcal.models.fingerprint import model_fingerprint
 
 TESTBED = "testbed"
 TESTBED_MODEL = "fastcal-testbed"
@@ -276,13 +277,20 @@ def classifier_factory(
     train_classnames: Sequence[str] = (),
     cache_dir: str | os.PathLike | None = None,
 ) -> Callable[[EvalSet], nn.Module]:
-    """Classifier of an evaluation set: FT's head rows when ``head`` is given, else zero-shot CLIP."""
+    """Classifier of an evaluation set: FT's head rows when ``head`` is given, else zero-shot CLIP. The
+    model must not change while its sets are evaluated: its weights are hashed once, for every set."""
+    model_key: str | None = None
 
     def build(eval_set: EvalSet) -> nn.Module:
+        nonlocal model_key
         names = eval_set.classifier_classnames
         if head is not None:
             return head_classifier(model.visual, head, train_classnames, names)
-        return clip_classifier(model, tokenizer, names, eval_set.templates, cache_dir=cache_dir)
+        if model_key is None:
+            model_key = model_fingerprint(model)
+        return clip_classifier(
+            model, tokenizer, names, eval_set.templates, cache_dir=cache_dir, model_key=model_key
+        )
 
     return build
 
@@ -320,7 +328,6 @@ def run_finetune(
     from fastcal.finetune.data import TrainingViews
     from fastcal.finetune.flyp import CaptionSampler
     from fastcal.finetune.trainer import Finetuner, total_steps, train
-    from fastcal.models import model_fingerprint
 
     output = Path(output)
     context = context or DistributedContext(device=backbone.model.logit_scale.device)
@@ -426,7 +433,6 @@ def run_wise(
     """
     from fastcal.finetune.ft import zero_shot_head
     from fastcal.finetune.wise import interpolate_state_dicts
-    from fastcal.models import model_fingerprint
     from fastcal.models.cache import class_text_features
 
     run_dir, output = Path(run_dir), Path(output)

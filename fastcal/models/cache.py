@@ -18,7 +18,6 @@ normalized hard-prompt feature.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fastcal._checks import check_int, fail
 from fastcal._io import cached_tensors, default_cache_dir, key_digest
+from fastcal._seeds import derived_seed
 from fastcal.data.items import seeded_generators
 from fastcal.models.fingerprint import model_fingerprint
 from fastcal.models.text_encoder import TextEncoder
@@ -40,8 +40,7 @@ _FORMAT_VERSION = 1
 
 def view_seed(epoch: int | None, index: int) -> int:
     """The seed of view ``index`` in augmentation ``epoch`` (``None``: the eval pass)."""
-    digest = hashlib.sha256(f"fastcal-view:{epoch}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return derived_seed(f"fastcal-view:{epoch}:{index}")
 
 
 class SeededViews(Dataset):

@@ -14,11 +14,10 @@ makes a term 0.1 more similar about e times as likely.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from fastcal._checks import check_int, check_number, check_tensor
+from fastcal._seeds import derived_seed
 
 DEFAULT_N_OUTLIERS = 100
 DEFAULT_TAU = 0.1
@@ -27,8 +26,7 @@ DEFAULT_TAU = 0.1
 def epoch_seed(seed: int, epoch: int) -> int:
     """The generator seed of epoch ``epoch`` under run seed ``seed`` (a hash, so nearby seeds and
     epochs give unrelated streams)."""
-    digest = hashlib.sha256(f"fastcal-outliers:{seed}:{epoch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return derived_seed(f"fastcal-outliers:{seed}:{epoch}")
 
 
 class OutlierSampler:

@@ -20,7 +20,6 @@ seeded by ``(seed, e)``, dropping the last incomplete batch when the set holds a
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from fastcal._checks import check_int
+from fastcal._seeds import derived_seed
 from fastcal.data.items import DatasetSplits, Item
 from fastcal.models.clip import LoadedClip
 
@@ -129,8 +129,7 @@ def train_transform_for(config: Any, clip: LoadedClip) -> Any:
 
 def epoch_seed(seed: int, epoch: int) -> int:
     """The seed of epoch ``epoch``'s batch order."""
-    digest = hashlib.sha256(f"fastcal-batches:{seed}:{epoch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return derived_seed(f"fastcal-batches:{seed}:{epoch}")
 
 
 def epoch_batches(n_items: int, batch_size: int, *, seed: int, epoch: int) -> list[torch.Tensor]:
