@@ -15,9 +15,12 @@ Variants, one step = forward + loss + backward + SGD step:
   logits, fill the targets with -inf, max; alpha 0.1, beta 0.01) and ``text_moment_matching`` (mean gap +
   D x D covariance gap, weight 5);
 - cached + 77 tokens (ablation): the same text side and loss, image features read from the cache;
-- fastcal: ``fastcal.methods.coop.CoOp`` on cached image features (the trainer's path), the exact
-  truncated text encoder (``PromptLearner`` over ``TextEncoder``) and the fused ``CalibratedPromptLoss``
-  (``backend="auto"``: the native C++ kernel on CPU) through ``fastcal.train.objectives.CalibratedLoss``.
+- fastcal: ``fastcal.methods.coop.CoOp`` on cached image features (the trainer's path), the start token
+  and context computed once for all classes (``fastcal.methods.prefix.PackedPrompts``, exact) and the
+  fused ``CalibratedPromptLoss`` (``backend="auto"``: the native C++ kernel on CPU) through
+  ``fastcal.train.objectives.CalibratedLoss``;
+- fastcal, whole prompts (ablation): the same with every class prompt run whole through the exact
+  truncated, length-bucketed text encoder (``PromptLearner`` over ``TextEncoder``).
 
 Each variant runs in a fresh subprocess (one model in memory at a time; a variant the kernel kills for
 memory is reported as such) with glibc's mmap threshold at 64 KiB (freed tensors go back to the kernel):
@@ -51,11 +54,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "coop_step.json"
 TARGET = 4.0
-VARIANTS = ("reference", "cached_77", "fastcal")
+VARIANTS = ("reference", "cached_77", "fastcal_unpacked", "fastcal")
 LABELS = {
     "reference": "reference (image encoder, 77 tokens, eager loss)",
     "cached_77": "cached features, 77 tokens, eager loss",
-    "fastcal": "fastcal (cached, truncated, fused loss)",
+    "fastcal_unpacked": "fastcal, each prompt whole (truncated, bucketed)",
+    "fastcal": "fastcal (cached, shared prefix once, fused loss)",
 }
 MODEL = "ViT-B-16"
 BATCH = 32
@@ -143,12 +147,16 @@ def build(variant: str, count: int):
     index = torch.randperm(4 * BATCH, generator=generator)[:BATCH]
     scale = model.logit_scale.exp()
 
-    if variant == "fastcal":
+    if variant.startswith("fastcal"):
         from fastcal.methods.base import MethodOutput
         from fastcal.methods.coop import CoOp
         from fastcal.train.objectives import CalibratedLoss, StepBatch
 
-        method = CoOp(model, clip.tokenizer, names, n_ctx=N_CTX)
+        # the ablation: every class prompt through the truncated encoder, the shared prefix not reused
+        method_class = (
+            CoOp if variant == "fastcal" else type("WholePromptCoOp", (CoOp,), {"packs_prompts": False})
+        )
+        method = method_class(model, clip.tokenizer, names, n_ctx=N_CTX)
         loss_fn = CalibratedLoss(
             margin_alpha=MARGIN_ALPHA,
             margin_beta=MARGIN_BETA,

@@ -10,7 +10,7 @@ again at 77 tokens.
 
 fastcal's way: ``fastcal.tpt.TPT``: views made in one batch with tensor operations
 (``fastcal.tpt.augment``), the image tower once over the views, the class prompts cut at their end token
-with the shared start token and context encoded once per context (``fastcal.tpt.prefix``: 960 text
+with the shared start token and context encoded once per context (``fastcal.methods.prefix``: 960 text
 positions per pass instead of 200 x 77), the step on static buffers (``TestTimeStep``).
 
 Measured (median of repeats after a warm-up): the latency of one sample for each (AugMix on, as on the

@@ -57,6 +57,7 @@ class CoCoOp(CoOp):
     """
 
     per_image_prompts = True
+    packs_prompts = False
 
     def __init__(
         self,

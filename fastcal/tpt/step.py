@@ -98,7 +98,7 @@ class TestTimeStep:
         config: the optimization (``TuningConfig``).
         use_graph: capture the step in a CUDA graph (default: when the learner is on CUDA).
         encoder: maps the contexts ``(S, n_ctx, W)`` to class text features ``(S, C, D)``; default the
-            learner itself (``fastcal.tpt.prefix.PackedPrompts`` computes the same with the shared prefix
+            learner itself (``fastcal.methods.prefix.PackedPrompts`` computes the same with the shared prefix
             encoded once).
     """
 

@@ -4,7 +4,7 @@ For each test image, independently: make its 64 views (``ViewAugmenter``), encod
 frozen image tower, tune a 4-token context initialized from "a photo of a" for one AdamW step
 (lr 5e-3) on the marginal entropy of the 10% most confident views (``TestTimeStep``), predict the
 centre view with the tuned context, and reset. The class prompts share their start token and context,
-which are encoded once per context (``fastcal.tpt.prefix``, exact). C-TPT (``fastcal.tpt.ctpt``) adds
+which are encoded once per context (``fastcal.methods.prefix``, exact). C-TPT (``fastcal.tpt.ctpt``) adds
 the dispersion term; FPP (``fastcal.tpt.fpp``) replaces the initial context.
 """
 
@@ -19,10 +19,10 @@ from PIL import Image
 from torch import nn
 
 from fastcal._checks import check_int, fail
+from fastcal.methods.prefix import PackedPrompts, shares_prefix
 from fastcal.methods.prompt_learner import PromptLearner
 from fastcal.models.text_encoder import TextEncoder
 from fastcal.tpt.augment import ViewAugmenter, normalization, view_size
-from fastcal.tpt.prefix import PackedPrompts, shares_prefix
 from fastcal.tpt.step import TestTimeStep, TuningConfig
 
 TPT_CTX_INIT = "a photo of a"
@@ -45,7 +45,7 @@ class TPT:
         use_graph: capture the step in a CUDA graph (default: on CUDA).
         image_batch: views per image-encoder call (default: all views of a step at once).
         pack_prompts: encode the prompts' shared prefix (start token and context) once per context
-            (``fastcal.tpt.prefix``; exact), where the learner's layout allows it.
+            (``fastcal.methods.prefix``; exact), where the learner's layout allows it.
     """
 
     def __init__(

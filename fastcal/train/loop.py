@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from fastcal.models.cache import SeededViews
 from fastcal.models.clip import LoadedClip
 from fastcal.train.config import RESUME_FREE_KEYS, TrainConfig
 from fastcal.train.data import (
+    EvalGroup,
     RunData,
     epoch_batches,
     feature_cache_dir,
@@ -372,41 +374,53 @@ def predict(
     return torch.cat(probs), torch.cat(labels)
 
 
-def evaluate_groups(run: Run, output: Path | None) -> dict[str, Any]:
-    """Reports per evaluation group (+ HM for base/new) and reliability diagrams in ``output``."""
+def report_groups(
+    method: PromptMethod,
+    clip: LoadedClip,
+    groups: Sequence[EvalGroup],
+    *,
+    n_bins: int,
+    diagram: Callable[[str], tuple[Path, str]] | None = None,
+    **predict_options: Any,
+) -> dict[str, Any]:
+    """``{group: calibration_report}`` of ``method`` on each group among its own classes, plus the
+    harmonic mean of base and new accuracy (``"hm"``) when both are there. ``diagram(group name)`` gives
+    the path and title of the group's reliability diagram (none without it); ``predict_options`` go to
+    ``predict``. The method is left on the last group's classes."""
     from fastcal.metrics import calibration_report, reliability_diagram
 
-    config = run.config
     results: dict[str, Any] = {}
-    for group in run.data.groups:
-        probs, labels = predict(
-            run.method,
-            run.clip,
-            group.items,
-            group.classnames,
-            device=run.device,
-            batch_size=config.eval_batch_size,
-            cache_dir=config.cache_dir,
-            progress=config.progress,
-            num_workers=config.num_workers,
-            model_key=run.model_key,
-        )
-        results[group.name] = calibration_report(probs, labels, n_bins=config.n_bins)
-        if output is not None:
+    for group in groups:
+        probs, labels = predict(method, clip, group.items, group.classnames, **predict_options)
+        results[group.name] = calibration_report(probs, labels, n_bins=n_bins)
+        if diagram is not None:
             import matplotlib.pyplot as plt
 
-            title = f"{run.spec.title} ({config.loss}) on {run.data.name}, {group.name} classes"
-            figure = reliability_diagram(
-                probs,
-                labels,
-                n_bins=config.n_bins,
-                path=output / f"reliability_{group.name}.png",
-                title=title,
-            )
-            plt.close(figure)
-    run.method.set_classnames(run.data.train_classnames)
+            path, title = diagram(group.name)
+            plt.close(reliability_diagram(probs, labels, n_bins=n_bins, path=path, title=title))
     if "base" in results and "new" in results:
         results["hm"] = {"accuracy": harmonic_mean(results["base"]["accuracy"], results["new"]["accuracy"])}
+    return results
+
+
+def evaluate_groups(run: Run, output: Path | None) -> dict[str, Any]:
+    """Reports per evaluation group (+ HM for base/new) and reliability diagrams in ``output``."""
+    config = run.config
+    title = f"{run.spec.title} ({config.loss}) on {run.data.name}"
+    results = report_groups(
+        run.method,
+        run.clip,
+        run.data.groups,
+        n_bins=config.n_bins,
+        diagram=(lambda g: (output / f"reliability_{g}.png", f"{title}, {g} classes")) if output else None,
+        device=run.device,
+        batch_size=config.eval_batch_size,
+        cache_dir=config.cache_dir,
+        progress=config.progress,
+        num_workers=config.num_workers,
+        model_key=run.model_key,
+    )
+    run.method.set_classnames(run.data.train_classnames)
     return results
 
 

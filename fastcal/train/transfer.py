@@ -27,7 +27,7 @@ from fastcal._checks import check_choice, fail
 from fastcal.data.items import DatasetSplits
 from fastcal.models.clip import LoadedClip
 from fastcal.train.data import EvalGroup
-from fastcal.train.loop import harmonic_mean, load_prompt, predict, prompt_metadata
+from fastcal.train.loop import load_prompt, prompt_metadata, report_groups
 
 TESTBED_TARGETS = ("testbed", "testbed_shifted")
 GROUP_CHOICES = ("auto", "base", "new", "base_new", "all")
@@ -92,8 +92,6 @@ def evaluate_saved_prompt(
     ``targets``: ``(name, splits, groups)`` with ``groups`` one of ``base``, ``new``, ``base_new``,
     ``all``. Diagrams go to ``output/reliability_<target>_<group>.png`` when ``output`` is given.
     """
-    from fastcal.metrics import calibration_report, reliability_diagram
-
     metadata = prompt_metadata(run)
     model_key = None
     if clip is None:
@@ -110,31 +108,25 @@ def evaluate_saved_prompt(
     for name, splits, groups in targets:
         if not splits.test:
             raise fail("targets", f"a test split in {name}", "an empty one")
-        reports: dict[str, Any] = {}
-        for group in target_groups(splits, groups):
-            probs, labels = predict(
-                method,
-                clip,
-                group.items,
-                group.classnames,
-                device=device,
-                batch_size=batch_size,
-                cache_dir=cache_dir,
-                progress=progress,
-                model_key=model_key,
-            )
-            reports[group.name] = calibration_report(probs, labels, n_bins=n_bins)
-            if output is not None:
-                import matplotlib.pyplot as plt
+        diagram = None
+        if output is not None:
 
-                title = f"{metadata['method']} prompt on {name}, {group.name} classes"
-                path = Path(output) / f"reliability_{name}_{group.name}.png"
-                plt.close(reliability_diagram(probs, labels, n_bins=n_bins, path=path, title=title))
-        if "base" in reports and "new" in reports:
-            reports["hm"] = {
-                "accuracy": harmonic_mean(reports["base"]["accuracy"], reports["new"]["accuracy"])
-            }
-        results["targets"][name] = reports
+            def diagram(group: str, target: str = name) -> tuple[Path, str]:
+                title = f"{metadata['method']} prompt on {target}, {group} classes"
+                return Path(output) / f"reliability_{target}_{group}.png", title
+
+        results["targets"][name] = report_groups(
+            method,
+            clip,
+            target_groups(splits, groups),
+            n_bins=n_bins,
+            diagram=diagram,
+            device=device,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+            progress=progress,
+            model_key=model_key,
+        )
     return results
 
 

@@ -47,6 +47,30 @@ def test_coop_with_phrase_context_is_zero_shot(tiny_clip):
     assert out.text_features.shape == (5, 32) and out.image_features.norm(dim=-1).sub(1).abs().max() < 1e-5
 
 
+def test_coop_encodes_the_shared_prefix_once_with_the_whole_prompts_features(tiny_clip):
+    method = CoOp(tiny_clip.model, tiny_clip.tokenizer, CLASSNAMES, n_ctx=4)
+    assert method.packed is not None
+    assert method.packed.token_rows < len(CLASSNAMES) * method.prompt_learner.token_ids.shape[1]
+    generator = torch.Generator().manual_seed(3)
+    ctx = method.prompt_learner.ctx
+    with torch.no_grad():
+        ctx.add_(0.3 * torch.randn(ctx.shape, generator=generator))
+    weights = torch.randn(len(CLASSNAMES), 32, generator=generator)
+    packed, whole = method.text_features(), method.prompt_learner()
+    torch.testing.assert_close(packed, whole, atol=1e-5, rtol=1e-5)
+    (grad_packed,) = torch.autograd.grad((packed * weights).sum(), ctx)
+    (grad_whole,) = torch.autograd.grad((whole * weights).sum(), ctx)
+    torch.testing.assert_close(grad_packed, grad_whole, atol=1e-4, rtol=1e-4)
+    # a new class set gets its own packing
+    method.set_classnames(["zebra", "a very long and unusual class name", "cup"])
+    with torch.no_grad():
+        torch.testing.assert_close(method.text_features(), method.prompt_learner(), atol=1e-5, rtol=1e-5)
+    # layouts without a shared prefix, and CoCoOp's per-image contexts, encode whole prompts
+    assert CoOp(tiny_clip.model, tiny_clip.tokenizer, CLASSNAMES, class_token_position="front").packed is None
+    assert CoOp(tiny_clip.model, tiny_clip.tokenizer, CLASSNAMES, class_specific=True).packed is None
+    assert CoCoOp(tiny_clip.model, tiny_clip.tokenizer, CLASSNAMES, n_ctx=4).packed is None
+
+
 def test_cocoop_matches_the_per_image_reference_loop(tiny_clip, reference_text, reference_prompts):
     method = CoCoOp(tiny_clip.model, tiny_clip.tokenizer, CLASSNAMES, n_ctx=4)
     assert [n for n, _ in method.meta_net.named_children()] == ["linear1", "relu", "linear2"]

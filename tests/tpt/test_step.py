@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcal.losses import text_dispersion
+from fastcal.methods.prefix import PackedPrompts
 from fastcal.methods.prompt_learner import PromptLearner
 from fastcal.models.text_encoder import TextEncoder
 from fastcal.tpt.ctpt import ctpt_config
-from fastcal.tpt.prefix import PackedPrompts
 from fastcal.tpt.step import TestTimeStep, TuningConfig
 
 N_VIEWS = 20  # k = int(20 * 0.1) = 2 selected views

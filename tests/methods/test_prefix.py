@@ -3,15 +3,15 @@
 import pytest
 import torch
 
+from fastcal.methods.prefix import PackedPrompts, shares_prefix
 from fastcal.methods.prompt_learner import PromptLearner
 from fastcal.models.text_encoder import TextEncoder
-from fastcal.tpt.prefix import PackedPrompts, shares_prefix
 
 NAMES = ["five", "six", "a wolf spider", "golden retriever", "x" * 40, "american black bear", "nine"]
 
 
 def learner_for(tiny_clip, names, **kwargs):
-    model, tokenizer = tiny_clip
+    model, tokenizer = tiny_clip[:2]
     return PromptLearner(TextEncoder(model), tokenizer, names, ctx_init="a photo of a", **kwargs)
 
 
