@@ -20,6 +20,8 @@ so encoding costs no host synchronization (CUDA-graph safe).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from open_clip.model import CLIP
 from open_clip.transformer import TextTransformer
@@ -61,11 +63,19 @@ class PackedPrompts(nn.Module):
     """Class text features of a prompt learner with the shared prefix computed once (module docstring).
 
     ``forward(ctx)`` with ``ctx`` ``(S, n_ctx, W)`` returns ``(S, C, D)``, equal (up to float rounding) to
-    ``learner(ctx)``. Built for the learner's current class set; ``samples`` is the ``S`` it is built for
-    (masks are laid out per batch).
+    ``learner(ctx)``. Built for the learner's current class set, or with ``terms`` for those names in the
+    learner's template (``learner.encode_terms(terms, ctx)``: DOR's outliers); ``samples`` is the ``S`` it
+    is built for (masks are laid out per batch).
     """
 
-    def __init__(self, learner: PromptLearner, model: nn.Module, *, samples: int = 1) -> None:
+    def __init__(
+        self,
+        learner: PromptLearner,
+        model: nn.Module,
+        *,
+        samples: int = 1,
+        terms: Sequence[str] | None = None,
+    ) -> None:
         super().__init__()
         if not shares_prefix(learner):
             raise fail(
@@ -75,8 +85,13 @@ class PackedPrompts(nn.Module):
         object.__setattr__(self, "tower", tower)
         object.__setattr__(self, "learner", learner)
         self.samples = check_int("samples", samples, minimum=1)
+        if terms is None:
+            token_ids, start, suffix = learner.token_ids, learner.token_prefix[0], learner.token_suffix
+        else:
+            layout = learner.term_layout(terms)
+            token_ids, start, suffix = layout.token_ids, layout.prefix[0], layout.suffix
         prefix_length = 1 + learner.n_ctx
-        ends = learner.text_encoder.eot_positions(learner.token_ids).tolist()
+        ends = learner.text_encoder.eot_positions(token_ids).tolist()
         rest = [end + 1 - prefix_length for end in ends]
         capacity = max(PACKED_LENGTH, prefix_length + max(rest)) - prefix_length
         sequences: list[list[int]] = []
@@ -92,7 +107,7 @@ class PackedPrompts(nn.Module):
                 used.append(rest[c])
         length = prefix_length + max(used)
         n_seq = len(sequences)
-        device = learner.token_suffix.device
+        device = suffix.device
 
         # per packed slot: which class's suffix token (or none), its position, and the read-out slots
         source_class = torch.full((n_seq, length - prefix_length), -1, dtype=torch.long)
@@ -116,7 +131,7 @@ class PackedPrompts(nn.Module):
 
         # everything but the context is fixed: the suffix slots and the prefix positions hold their
         # positional embeddings already
-        suffix = learner.token_suffix.detach()
+        suffix = suffix.detach()
         gathered = suffix[source_class.clamp(min=0).to(device), source_offset.to(device)]
         filled = (source_class >= 0).to(device)[..., None]
         position_embedding = tower.positional_embedding.detach()
@@ -126,7 +141,7 @@ class PackedPrompts(nn.Module):
             torch.where(filled, gathered, torch.zeros_like(gathered)) + suffix_positions,
             persistent=False,
         )
-        self.register_buffer("start", learner.token_prefix[0].detach().clone(), persistent=False)  # (1, W)
+        self.register_buffer("start", start.detach().clone(), persistent=False)  # (1, W)
         self.register_buffer("prefix_positions", position_embedding[:prefix_length].clone(), persistent=False)
         self.register_buffer("readout", readout.to(device), persistent=False)
 

@@ -204,7 +204,7 @@ class PromptLearner(nn.Module):
         self.classnames: list[str] = []
         self._set_layout(classnames)
         self._repeated_ids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._term_memo: tuple[Any, _Layout] | None = None
+        self._term_memo: tuple[Any, _Layout, nn.Module | bool | None] | None = None
 
     # ---- class set ---------------------------------------------------------------------------------
     def _set_layout(self, classnames: list[str]) -> None:
@@ -321,10 +321,7 @@ class PromptLearner(nn.Module):
         unified ``ctx`` ``(n_ctx, W)``. ``deep_prompts``: deep text prompts (MaPLe), as
         ``TextEncoder.encode_embeddings`` takes them."""
         terms = _check_names("terms", terms)
-        key = (tuple(terms), self.ctx.device)
-        if self._term_memo is None or self._term_memo[0] != key:
-            self._term_memo = (key, _Layout(self, terms))
-        layout = self._term_memo[1]
+        layout = self.term_layout(terms)
         if ctx is None:
             if self.class_specific:
                 raise fail("ctx", "a unified (n_ctx, W) context for a class-specific learner", "None")
@@ -332,9 +329,34 @@ class PromptLearner(nn.Module):
         check_tensor("ctx", ctx, ndim=2, floating=True, finite=False)
         if tuple(ctx.shape) != (self.n_ctx, self.ctx_dim):
             raise fail("ctx", f"shape ({self.n_ctx}, {self.ctx_dim})", tuple(ctx.shape))
+        if deep_prompts is None:
+            packed = self._packed_terms(terms)
+            if packed is not None:  # the start token and context once for all the terms (exact)
+                return packed(ctx[None])[0]
         ctx_rows = ctx.unsqueeze(0).expand(len(terms), -1, -1)
         prompts = self._assemble(ctx_rows, (), layout.prefix, layout.suffix, layout.positions)
         return self._term_encoder.encode_embeddings(prompts, layout.token_ids, deep_prompts=deep_prompts)
+
+    def term_layout(self, terms: Sequence[str]) -> _Layout:
+        """Token ids and frozen embeddings of ``terms`` in this learner's template (kept for the last
+        term list: a regularizer asks for the same outliers at every step of an epoch)."""
+        key = (tuple(terms), self.ctx.device)
+        if self._term_memo is None or self._term_memo[0] != key:
+            self._term_memo = (key, _Layout(self, list(terms)), None)
+        return self._term_memo[1]
+
+    def _packed_terms(self, terms: Sequence[str]) -> nn.Module | None:
+        """``PackedPrompts`` of ``terms`` (kept with their layout), or None when the layout does not
+        share a prefix (``fastcal.methods.prefix.shares_prefix``)."""
+        from fastcal.methods.prefix import PackedPrompts, shares_prefix
+
+        key, layout, packed = self._term_memo
+        if packed is None:  # decided once per term list: False when the layout does not share a prefix
+            packed = (
+                PackedPrompts(self, self.text_encoder.model, terms=terms) if shares_prefix(self) else False
+            )
+            self._term_memo = (key, layout, packed)
+        return packed or None
 
     def extra_repr(self) -> str:
         kind = "class-specific" if self.class_specific else "unified"

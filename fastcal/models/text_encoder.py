@@ -137,6 +137,11 @@ class TextEncoder(nn.Module):
         self.bucket = bucket
         self.bucket_overhead_tokens = bucket_overhead_tokens
 
+    @property
+    def model(self) -> nn.Module:
+        """The model it encodes with (a CLIP, CustomTextCLIP or text tower; not a copy)."""
+        return self._model
+
     # ---- what the tower is -------------------------------------------------------------------------
     def _pool(self) -> tuple[str, int | None]:
         tower = self._tower

@@ -97,6 +97,31 @@ def test_encode_terms_uses_the_learned_template(tiny_clip):
     assert pl.ctx.grad is not None and pl.ctx.grad.abs().sum() > 0
 
 
+def test_encode_terms_with_a_shared_prefix_equals_whole_prompts(tiny_clip):
+    pl = learner(tiny_clip, n_ctx=5)  # unified context, names at the end: the terms share SOS + context
+    terms = ["zebra", "old wooden canoe", "dog", "a very long term with many many tokens in it", "x"]
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        pl.ctx.add_(0.2 * torch.randn(pl.ctx.shape, generator=generator))
+    expected = learner(tiny_clip, terms, n_ctx=5)
+    expected.reset_context(pl.ctx.detach())
+    packed = pl.encode_terms(terms)
+    assert pl._term_memo[2] is not False  # packed, and kept for the next call with the same terms
+    torch.testing.assert_close(packed, expected(), atol=1e-5, rtol=1e-5)
+    weights = torch.randn(packed.shape, generator=generator)
+    (grad_packed,) = torch.autograd.grad((packed * weights).sum(), pl.ctx)
+    whole = expected.text_encoder.encode_embeddings(
+        expected.prompt_embeddings(pl.ctx), expected.token_ids
+    )  # the same prompts, whole, differentiated through pl.ctx
+    (grad_whole,) = torch.autograd.grad((whole * weights).sum(), pl.ctx)
+    torch.testing.assert_close(grad_packed, grad_whole, atol=1e-4, rtol=1e-4)
+    # another context, passed explicitly (CoCoOp's mean conditioned context), goes through the same packing
+    other = pl.ctx.detach() + 0.1
+    expected.reset_context(other)
+    with torch.no_grad():
+        torch.testing.assert_close(pl.encode_terms(terms, other), expected(), atol=1e-5, rtol=1e-5)
+
+
 def test_set_classnames_keeps_context_and_state_dict_holds_only_it(tiny_clip):
     pl = learner(tiny_clip, n_ctx=4, class_token_position="front")
     new_names = ["violin", "red fox", "sea_lion"]
