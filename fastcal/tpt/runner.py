@@ -36,7 +36,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -422,6 +422,20 @@ def fpp_context(
     return cached_tensors(path, key, compute)["ctx"].clone()
 
 
+def _logit_batches(
+    predictor: Callable, items: Sequence[Item], indices: Sequence[int], config: RunConfig
+) -> Iterator[tuple[list[int], list[int], torch.Tensor, float]]:
+    """``(indices, labels, logits, seconds)`` per batch of ``predictor``'s size; sample ``i``'s views come
+    from ``sample_generator(config.seed, i)`` whatever the batch it lands in."""
+    size = getattr(predictor, "samples_per_step", config.samples_per_step)
+    for batch in _batches(items, indices, size, config.num_workers):
+        start = time.perf_counter()
+        batch_indices = [b[0] for b in batch]
+        generators = [sample_generator(config.seed, i) for i in batch_indices]
+        logits = predictor([b[1] for b in batch], generators).float()
+        yield batch_indices, [b[2] for b in batch], logits, time.perf_counter() - start
+
+
 def _predict(
     predictor: Callable,
     items: Sequence[Item],
@@ -434,17 +448,13 @@ def _predict(
 ) -> None:
     from tqdm.auto import tqdm
 
-    size = getattr(predictor, "samples_per_step", config.samples_per_step)
     bar = tqdm(total=len(indices), unit="sample", desc=description, disable=not progress, smoothing=0.1)
     hits = done = 0
-    for batch in _batches(items, indices, size, config.num_workers):
+    for batch_indices, labels, logits, seconds in _logit_batches(predictor, items, indices, config):
         start = time.perf_counter()
-        batch_indices = [b[0] for b in batch]
-        generators = [sample_generator(config.seed, i) for i in batch_indices]
-        logits = predictor([b[1] for b in batch], generators)
-        probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
-        seconds = time.perf_counter() - start
-        records = records_from_probs(batch_indices, [b[2] for b in batch], probs, seconds)
+        probs = torch.softmax(logits / temperature, dim=-1).cpu()  # the step's work ends in this read-back
+        seconds += time.perf_counter() - start
+        records = records_from_probs(batch_indices, labels, probs, seconds)
         on_batch(records)
         done += len(records)
         hits += sum(r["prediction"] == r["label"] for r in records)
@@ -468,11 +478,9 @@ def _calibration_temperature(
     def compute() -> dict[str, torch.Tensor]:
         rows: list[torch.Tensor] = []
         labels: list[int] = []
-        size = getattr(predictor, "samples_per_step", config.samples_per_step)
-        for batch in _batches(items, range(len(items)), size, config.num_workers):
-            generators = [sample_generator(config.seed, b[0]) for b in batch]
-            rows.append(predictor([b[1] for b in batch], generators).float().cpu())
-            labels.extend(b[2] for b in batch)
+        for _, batch_labels, logits, _ in _logit_batches(predictor, items, range(len(items)), config):
+            rows.append(logits.cpu())
+            labels.extend(batch_labels)
         return {"logits": torch.cat(rows), "labels": torch.tensor(labels, dtype=torch.long)}
 
     path = output / "calibration_logits.safetensors"
