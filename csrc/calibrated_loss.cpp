@@ -62,8 +62,9 @@ int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, 32768 / std::max
 // D x D side 2 C D^2.
 bool use_gram_side(int64_t C, int64_t D) { return 5 * C < 2 * D; }
 
-// Matrix products. float32 products of at least 2^20 multiply-adds go to oneDNN when torch has it (and
-// torch.backends.mkldnn is on): torch's own float32 mm calls MKL, which on the AMD (Zen 5) machine this
+// Matrix products. float32 products of at least 2^20 multiply-adds go to oneDNN when torch has it, the
+// CPU has AVX-512 (the build defines FASTCAL_WITH_ONEDNN only then) and
+// torch.backends.mkldnn is on: torch's own float32 mm calls MKL, which on the AMD (Zen 5) machine this
 // was measured on runs at about the AVX2 rate, while oneDNN uses AVX-512 there (about 2.3x the
 // throughput). The rest, float64 included, goes through at::mm / at::addmm.
 bool use_onednn(const Tensor& a, const Tensor& b) {

@@ -73,7 +73,10 @@ def _build() -> ModuleType:
     source_dir = resources.files("fastcal_csrc")
     sources = [str(source_dir / name) for name in _SOURCE_NAMES]
     cflags = ["-O3", "-fopenmp", *_isa_flags()]
-    if torch.backends.mkldnn.is_available():
+    # torch's mkldnn_matmul refuses to run on a CPU without AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT,
+    # whatever the dtype: there the products stay on at::mm.
+    onednn_usable = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    if torch.backends.mkldnn.is_available() and onednn_usable:
         cflags.append("-DFASTCAL_WITH_ONEDNN")
     digest = hashlib.sha256()
     for path in sources:
