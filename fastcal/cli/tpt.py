@@ -123,7 +123,7 @@ def _load_model(args: argparse.Namespace, device):
             from fastcal.models.testbed import TESTBED_MODEL, build_testbed_model
 
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(RANDOM_INIT_SEED)
+                torch.random.default_generator.manual_seed(RANDOM_INIT_SEED)
                 model = build_testbed_model().eval()
             # the runner makes its own views: no transforms needed
             clip = LoadedClip(model, open_clip.get_tokenizer(TESTBED_MODEL), None, None)
@@ -142,7 +142,7 @@ def _load_model(args: argparse.Namespace, device):
     if pretrained != "none":
         return load_clip(name, pretrained, device=device, precision=args.precision)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)  # every rank and every resumed run builds the same weights
+        torch.random.default_generator.manual_seed(RANDOM_INIT_SEED)  # every rank and every resumed run builds the same weights
         return load_clip(name, None, device=device, precision=args.precision)
 
 

@@ -45,7 +45,8 @@ def seeded_generators(seed: int) -> Iterator[None]:
     python_state, numpy_state = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # the CPU generator only: torch.manual_seed would also reseed CUDA's, outside the fork
+            torch.random.default_generator.manual_seed(seed)
             random.seed(seed)
             np.random.seed(seed % (1 << 32))
             yield

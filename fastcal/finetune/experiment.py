@@ -208,7 +208,7 @@ def load_backbone(
 
     random_init = pretrained == RANDOM_INIT or (pretrained is None and model != TESTBED_MODEL)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)
         if model == TESTBED_MODEL:
             import open_clip
 

@@ -272,7 +272,7 @@ def pretrain_testbed(recipe: PretrainRecipe | None = None, *, progress: bool = T
     loss_fn = ClipLoss()
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.seed)
+        torch.random.default_generator.manual_seed(recipe.seed)
         model = build_testbed_model()
         model.train()
         optimizer = _optimizer(model, recipe)
