@@ -78,12 +78,14 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     return value
 
 
-def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
-    """Check an integer (bool refused) not below ``minimum``; return it."""
+def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """Check an integer (bool refused) within ``[minimum, maximum]``; return it."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
     if minimum is not None and value < minimum:
         raise fail(name, f"an integer >= {minimum}", value)
+    if maximum is not None and value > maximum:
+        raise fail(name, f"an integer <= {maximum}", value)
     return value
 
 
@@ -109,3 +111,23 @@ def check_number(
     if maximum is not None and value > maximum:
         raise fail(name, f"a number <= {maximum}", value)
     return value
+
+
+def check_device(name: str, value: Any) -> torch.device:
+    """``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` of a GPU this machine has,
+    as a ``torch.device``."""
+    text = str(value)
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise fail(name, "auto, cpu, cuda or cuda:N", repr(value))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise fail(name, "cpu or auto (CUDA is not available on this machine)", repr(value))
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise fail(name, f"a GPU index below {torch.cuda.device_count()}", repr(value))
+    return device

@@ -16,8 +16,10 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import struct
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -42,6 +44,9 @@ _FROM_TAG = {tag: np_dtype for tag, np_dtype in _NUMPY_DTYPES.values()}
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_HOST = socket.gethostname().replace(".", "_") or "host"
+# A temporary older than this is stale even when its writer cannot be checked (another host's).
+STALE_TEMPORARY_SECONDS = 24 * 3600
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -62,12 +67,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path.parent, path.name)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the mode open() would
     try:
         yield tmp
+        # mkstemp creates 0600, and some writers (safetensors) replace the file with another 0600 one:
+        # give the finished file the mode open() would, so users sharing a cache or run can read it
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -75,6 +85,36 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove the temporaries that ``atomic_path`` left for the target ``name`` (or for any target) in
+    ``directory`` when their writer died: the writer's process no longer runs on this host, or the file
+    is older than ``STALE_TEMPORARY_SECONDS`` (another host's writer, or one that cannot be told).
+    Returns the removed paths."""
+    directory = Path(directory)
+    removed = []
+    now = time.time()
+    for tmp in directory.glob(f".{name}.*.tmp" if name is not None else ".*.tmp"):
+        host, _, pid = tmp.name[: -len(".tmp")].rsplit(".", 2)[-2].rpartition("-")
+        try:
+            dead = host == _HOST and pid.isdigit() and not _process_alive(int(pid))
+            if dead or now - tmp.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:  # removed meanwhile, or not ours to remove
+            continue
+    return removed
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -184,12 +224,18 @@ def load_tensors(
     path: str | os.PathLike, key: Mapping[str, Any], *, verify: bool = True
 ) -> dict[str, torch.Tensor] | None:
     """Memory-map the tensors at ``path``; ``None`` if missing, written for another key, or corrupt.
+    A file that exists but cannot be read is a ``PermissionError``, not "corrupt".
 
     The returned tensors share pages with the file (copy-on-write), so loading costs no copy.
     """
     path = Path(path)
     if not path.is_file():
         return None
+    if not os.access(path, os.R_OK):
+        raise PermissionError(
+            f"{path}: expected a file this user can read, got one without read permission (another "
+            "user's cache or run? make it readable, or point $FASTCAL_CACHE / --output elsewhere)"
+        )
     try:
         data_start, header = _read_header(path)
         metadata = header.pop("__metadata__", {}) or {}
@@ -240,6 +286,37 @@ def cached_tensors(
     if loaded is None:
         raise OSError(f"cache {path}: expected a readable file after writing it, got none")
     return loaded
+
+
+def load_torch_file(path: str | os.PathLike, *, what: str, hint: str = "") -> Any:
+    """Load a torch file that a user may hand us without running code from it (``weights_only=True``:
+    tensors, numbers, strings, lists, tuples and dicts only).
+
+    Errors name ``what`` and the path: ``FileNotFoundError`` for a missing file, ``PermissionError``
+    for one that cannot be read, ``ValueError`` for one that would need code to load (refused) and for
+    a corrupt or truncated one (``hint``, e.g. how to start over, is appended).
+    """
+    path = Path(path)
+    suffix = f"; {hint}" if hint else ""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: expected a file, got {path}, which does not exist{suffix}")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{what}: expected a file this user can read, got {path} (permission denied)")
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of damaged files
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, KeyError, EOFError, ... here
+        if "Weights only load failed" in str(e) and "GLOBAL" in str(e):  # a class or function to import
+            raise ValueError(
+                f"{what}: expected plain tensors and values in {path}, got a file that needs code to load "
+                "(refused: fastcal never runs code from a file)"
+            ) from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise ValueError(
+            f"{what}: expected a complete torch file, got {path}, which is corrupt or truncated "
+            f"({type(e).__name__}: {first}){suffix}"
+        ) from None
 
 
 def default_cache_dir() -> Path:

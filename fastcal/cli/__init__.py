@@ -2,14 +2,17 @@
 
 Each module named in ``COMMANDS`` defines ``add_arguments(parser)`` and ``run(args) -> int``; only the
 module of the command being run is imported, so ``fastcal --help`` stays fast. Errors a user can fix
-(bad arguments, missing files, offline weights) end the command with one line on stderr and exit 2.
+(bad arguments, missing or unreadable files, offline weights, a refused output folder) end the command
+with one line on stderr and exit 2; ``--debug`` (or ``FASTCAL_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from typing import NoReturn
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "metrics": ("fastcal.cli.metrics", "calibration report (JSON) for a file of predictions"),
@@ -24,13 +27,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """An error the user can fix; printed as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (``fastcal CMD: error: ...``), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _build_parser(command: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastcal", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="fastcal", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (also FASTCAL_DEBUG=1)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for name, (module_name, help_text) in COMMANDS.items():
         if name == command:
             module = importlib.import_module(module_name)
@@ -41,10 +54,21 @@ def _build_parser(command: str | None) -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter,
             )
             module.add_arguments(p)
+            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
             p.set_defaults(run=module.run)
         else:
             sub.add_parser(name, help=help_text)
     return parser
+
+
+def one_line(error: BaseException) -> str:
+    """The message of a user error on one line. An error raised in a DataLoader worker arrives wrapped
+    with the worker's traceback: its last line is the original message."""
+    text = str(error).strip() or type(error).__name__
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,10 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = _build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("FASTCAL_DEBUG", "") not in ("", "0")
     try:
         return int(args.run(args) or 0)
-    except (UsageError, ValueError, FileNotFoundError) as err:
-        print(f"fastcal {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # bad arguments, missing or unreadable files, refused folders
+        if debug:
+            raise
+        print(f"fastcal {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", metavar="NAME[,NAME]", help="run only these stages (see --list)")
     parser.add_argument("--list", action="store_true", help="list the stages and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write over a folder that holds another command's run"
+    )
 
 
 @dataclass
@@ -241,13 +244,15 @@ def run(args: argparse.Namespace) -> int:
         for name, target in STAGES:
             print(f"{name}\t{target}")
         return 0
+    from fastcal.runs.folder import RunFolder
+
     stages = select_stages(args.only)
-    output = Path(args.output).expanduser()
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"--output: expected a folder, got the file {output}")
-    output.mkdir(parents=True, exist_ok=True)
-    ctx = DemoContext(output=output, progress=not args.quiet)
-    results = run_stages(ctx, stages)
+    # the demo replaces its own earlier results; a folder holding another command's run is refused
+    with RunFolder.open(args.output, kind="demo", overwrite=args.overwrite, replace_own=True) as folder:
+        folder.write_manifest({"stages": [name for name, _ in stages]})
+        ctx = DemoContext(output=folder.path, progress=not args.quiet)
+        results = run_stages(ctx, stages)
+    output = folder.path
     print(format_table(results["rows"]))
     print(
         f"\n{len(results['rows'])} rows, {len(ctx.figures)} reliability diagrams, results in "

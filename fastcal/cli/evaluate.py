@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the evaluation a separate --output folder holds"
+    )
 
 
 def target_names(spec: str | None, trained_on: str | None) -> list[str]:
@@ -69,12 +72,23 @@ def target_names(spec: str | None, trained_on: str | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fastcal._checks import check_device, check_int
     from fastcal._io import write_json_atomic
     from fastcal.data import DATASETS, load_dataset
-    from fastcal.train.loop import prompt_metadata, resolve_device
+    from fastcal.metrics.functional import MAX_BINS
+    from fastcal.runs.folder import RunFolder, check_output_path
+    from fastcal.train.loop import prompt_metadata
     from fastcal.train.transfer import TESTBED_TARGETS, evaluate_saved_prompt, testbed_target
 
-    metadata = prompt_metadata(args.run_dir)
+    check_int("--n-bins", args.n_bins, minimum=1, maximum=MAX_BINS)
+    check_int("--batch-size", args.batch_size, minimum=1)
+    device = check_device("--device", args.device)
+    run_dir = Path(args.run_dir)
+    if not run_dir.exists():
+        raise FileNotFoundError(
+            f"--run: expected a fastcal train run folder or its prompt.pt, got {run_dir}, not found"
+        )
+    metadata = prompt_metadata(args.run_dir, what="--run")
     config = metadata["config"]
     trained_on = config.get("dataset")
     targets = []
@@ -92,19 +106,26 @@ def run(args: argparse.Namespace) -> int:
         own = name == trained_on or (trained_on is None and name in TESTBED_TARGETS)
         groups = args.groups if args.groups != "auto" else ("base_new" if own else "all")
         targets.append((name, splits, groups))
-    run_dir = Path(args.run_dir)
-    output = Path(args.output) if args.output else (run_dir if run_dir.is_dir() else run_dir.parent)
-    results = evaluate_saved_prompt(
-        args.run_dir,
-        targets,
-        output=output,
-        n_bins=args.n_bins,
-        batch_size=args.batch_size,
-        device=resolve_device(args.device),
-        cache_dir=config.get("cache_dir"),
-        progress=not args.quiet,
-    )
-    write_json_atomic(output / "eval.json", results)
+    own_folder = run_dir if run_dir.is_dir() else run_dir.parent
+    output = check_output_path(args.output) if args.output else own_folder
+    if output.resolve() == own_folder.resolve():  # eval.json joins the training run's folder
+        folder = RunFolder.open(output, kind="train", resume=True, argument="--run", resume_argument="--run")
+    else:
+        folder = RunFolder.open(output, kind="eval", overwrite=args.overwrite)
+    with folder:
+        results = evaluate_saved_prompt(
+            args.run_dir,
+            targets,
+            output=output,
+            n_bins=args.n_bins,
+            batch_size=args.batch_size,
+            device=device,
+            cache_dir=config.get("cache_dir"),
+            progress=not args.quiet,
+        )
+        if folder.kind == "eval":
+            folder.write_manifest({"run": str(own_folder.absolute()), "targets": [t[0] for t in targets]})
+        write_json_atomic(output / "eval.json", results)
     for name, reports in results["targets"].items():
         for group, report in reports.items():
             if group == "hm":

@@ -75,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
     run.add_argument("--log-every", type=int, default=50, help="steps between log lines")
     run.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
+    run.add_argument(
+        "--overwrite", action="store_true", help="replace the run --output holds (its files are removed)"
+    )
     run.add_argument("--no-diagrams", action="store_true", help="skip the reliability diagrams")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -103,6 +106,33 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """The checks that need no model and no data, made before anything is loaded or written."""
+    from fastcal._checks import check_choice, check_int
+    from fastcal.data import DATASETS
+    from fastcal.finetune.experiment import TESTBED_MODEL
+    from fastcal.runs.folder import check_output_path, check_run_rules
+
+    if args.dataset is not None:
+        check_choice("--dataset", args.dataset, DATASETS)
+    for option in ("eval_batch_size", "checkpoint_every", "log_every"):
+        check_int(f"--{option.replace('_', '-')}", getattr(args, option), minimum=1)
+    if args.workers is not None:
+        check_int("--workers", args.workers, minimum=0)
+    if args.heldout is not None:
+        check_int("--heldout", args.heldout, minimum=1)
+    if args.model not in (None, TESTBED_MODEL) and not args.model.startswith(("local-dir:", "hf-hub:")):
+        import open_clip
+
+        if open_clip.get_model_config(args.model.replace("/", "-")) is None:
+            raise ValueError(
+                f"--model: expected an open_clip architecture or {TESTBED_MODEL!r}, got {args.model!r}"
+            )
+    output = check_output_path(args.output)
+    rules = {"kind": "finetune", "resume": args.resume, "overwrite": args.overwrite, "argument": "--output"}
+    check_run_rules(output, **rules)
+
+
 def backbone_choice(args: argparse.Namespace) -> tuple[str, str | None]:
     """(model, pretrained) of the command line, with the defaults of the testbed or the published run."""
     from fastcal.finetune.config import PUBLISHED_MODEL
@@ -118,6 +148,7 @@ def backbone_choice(args: argparse.Namespace) -> tuple[str, str | None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fastcal._checks import check_device
     from fastcal.cli import UsageError
     from fastcal.finetune.distributed import init_distributed
     from fastcal.finetune.experiment import dataset_data, load_backbone, run_finetune, testbed_data
@@ -127,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset is None and (args.root is not None or args.ood is not None or args.heldout is not None):
         raise UsageError("--root, --ood and --heldout need --dataset (the testbed brings its own data)")
     config = config_from_args(args)
-    context = init_distributed(args.device)
+    check_arguments(args)
+    context = init_distributed(check_device("--device", args.device or "auto"))
     progress = not args.quiet and context.is_main
     if args.dataset is None:
         data = testbed_data()
@@ -148,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
         pretrained=pretrained,
         context=context,
         resume=args.resume,
+        overwrite=args.overwrite,
         num_workers=workers,
         eval_batch_size=args.eval_batch_size,
         checkpoint_every=args.checkpoint_every,

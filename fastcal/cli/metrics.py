@@ -22,11 +22,14 @@ from pathlib import Path
 
 LARGE_FILE_ROWS = 100_000
 CHUNK_ROWS = 1 << 16
+MAX_BOOTSTRAP = 100_000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pred_file", metavar="PRED_FILE", help=".npz or .pt with logits or probs, and labels")
-    parser.add_argument("--n-bins", type=int, default=15, help="bins for the binned metrics (default 15)")
+    parser.add_argument(
+        "--n-bins", type=int, default=15, help="bins for the binned metrics (default 15, at most 1,000,000)"
+    )
     parser.add_argument("--plot", metavar="PNG", help="write a reliability diagram to this PNG file")
     parser.add_argument(
         "--temperature-from",
@@ -43,31 +46,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_predictions(path: str | Path, name: str = "PRED_FILE"):
-    """(scores, labels, kind) from a .npz/.pt file; kind is "logits" or "probs"."""
+    """(scores, labels, kind) from a .npz/.pt file; kind is "logits" or "probs". Every defect of the
+    file (missing, unreadable, corrupt, wrong keys, non-numeric or empty arrays, fewer than 2 classes)
+    is a one-line error naming ``name`` and the file; nothing in the file is executed."""
     import numpy as np
     import torch
 
+    from fastcal._checks import check_labels, check_tensor, fail
+    from fastcal._io import load_torch_file
+
     path = Path(path)
     if path.suffix not in (".npz", ".pt"):
-        raise ValueError(f"{name}: expected a .npz or .pt file, got {str(path)!r}")
+        raise fail(name, "a .npz or .pt file", repr(str(path)))
     if not path.is_file():
         raise FileNotFoundError(f"{name}: no such file {str(path)!r}")
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            data = {key: torch.from_numpy(archive[key]) for key in archive.files}
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                data = {key: archive[key] for key in archive.files}
+        except Exception as e:  # zipfile, numpy and OS errors of a damaged archive
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            raise fail(
+                name, "a readable .npz archive", f"{str(path)!r}, which is not one ({first})"
+            ) from None
     else:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = load_torch_file(path, what=name)
         if not isinstance(data, dict):
-            raise ValueError(
-                f"{name}: expected a dict of tensors in {str(path)!r}, got {type(data).__name__}"
-            )
-        data = {key: torch.as_tensor(value) for key, value in data.items()}
+            raise fail(name, f"a dict of tensors in {str(path)!r}", type(data).__name__)
     kind = next((k for k in ("logits", "probs") if k in data), None)
     if kind is None or "labels" not in data:
-        raise ValueError(
-            f"{name}: expected keys 'labels' and 'logits' or 'probs' in {str(path)!r}, got {sorted(data)}"
+        raise fail(
+            name, f"keys 'labels' and 'logits' or 'probs' in {str(path)!r}", f"keys {sorted(map(str, data))}"
         )
-    return data[kind], data["labels"], kind
+    arrays = {}
+    for key in (kind, "labels"):
+        try:
+            arrays[key] = torch.as_tensor(
+                np.asarray(data[key]) if not torch.is_tensor(data[key]) else data[key]
+            )
+        except (TypeError, ValueError, RuntimeError):
+            raise fail(f"{name}[{key!r}]", "a numeric array", type(data[key]).__name__) from None
+    scores, labels = arrays[kind], arrays["labels"]
+    check_tensor(f"{name}[{kind!r}]", scores, ndim=2, floating=True, finite=False)
+    if scores.shape[1] < 2:
+        raise fail(
+            f"{name}[{kind!r}]",
+            "at least 2 classes (columns): calibration of 1 class is void",
+            scores.shape[1],
+        )
+    check_labels(f"{name}['labels']", labels, scores.shape[0], scores.shape[1])
+    return scores, labels, kind
 
 
 def _to_probs(scores, kind: str):
@@ -127,24 +155,27 @@ def _evaluate(probs, labels, args, progress: bool) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastcal._checks import check_int, check_labels, check_number, check_tensor, fail
+    from fastcal._checks import check_int, check_number, check_tensor, fail
     from fastcal._io import write_json_atomic
     from fastcal.calibrate import fit_temperature
     from fastcal.metrics import reliability_diagram
-    from fastcal.metrics.functional import check_probabilities
+    from fastcal.metrics.functional import MAX_BINS, check_probabilities
+    from fastcal.runs.folder import check_output_file
 
-    check_int("--n-bins", args.n_bins, minimum=1)
-    check_int("--bootstrap", args.bootstrap, minimum=0)
+    check_int("--n-bins", args.n_bins, minimum=1, maximum=MAX_BINS)
+    check_int("--bootstrap", args.bootstrap, minimum=0, maximum=MAX_BOOTSTRAP)
     check_number("--level", args.level, minimum=0.0, maximum=1.0, strict_minimum=True)
     if args.level >= 1.0:
         raise fail("--level", "a number in (0, 1)", args.level)
+    for option, value in (("--output", args.output), ("--plot", args.plot)):
+        if value is not None:
+            check_output_file(value, option)
 
     scores, labels, kind = load_predictions(args.pred_file)
     calibration = None
     if args.temperature_from:
         calib_scores, calib_labels, calib_kind = load_predictions(args.temperature_from, "--temperature-from")
-        check_tensor(calib_kind, calib_scores, ndim=2, floating=True)
-        check_labels("labels", calib_labels, calib_scores.shape[0], calib_scores.shape[1])
+        check_tensor("--temperature-from", calib_scores, ndim=2, floating=True)
         calibration = (_to_logits(calib_scores, calib_kind), calib_labels, calib_kind)
     probs = _to_probs(scores, kind)
     check_probabilities(probs, labels, name=kind if kind == "probs" else "softmax(logits)")

@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue the run in --output, skipping finished samples"
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the run --output holds (its files are removed)"
+    )
     tuning = parser.add_argument_group("tuning (defaults: the reference's)")
     tuning.add_argument("--views", type=int, default=64, help="views per sample, centre view included (64)")
     tuning.add_argument("--selection", type=float, default=0.1, help="fraction of confident views kept (0.1)")
@@ -97,11 +100,11 @@ def _init_distributed(device_arg: str | None):
     import torch
     import torch.distributed as dist
 
+    from fastcal._checks import check_device
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        raise UsageError("--device: expected cpu (CUDA is not available), got cuda")
+    cuda = check_device("--device", device_arg or "auto").type == "cuda"
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -142,7 +145,9 @@ def _load_model(args: argparse.Namespace, device):
     if pretrained != "none":
         return load_clip(name, pretrained, device=device, precision=args.precision)
     with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(RANDOM_INIT_SEED)  # every rank and every resumed run builds the same weights
+        torch.random.default_generator.manual_seed(
+            RANDOM_INIT_SEED
+        )  # every rank and every resumed run builds the same weights
         return load_clip(name, None, device=device, precision=args.precision)
 
 
@@ -219,14 +224,41 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """The checks that need no model and no data, made before anything is loaded or written."""
+    from fastcal._checks import check_choice, check_int
+    from fastcal.data import DATASETS
+    from fastcal.runs.folder import check_output_path, check_run_rules
+
+    if args.limit is not None:
+        check_int("--limit", args.limit, minimum=1)
+    for option in ("calibration_size", "fpp_steps", "flush_every", "samples_per_step"):
+        check_int(f"--{option.replace('_', '-')}", getattr(args, option), minimum=1)
+    if args.workers is not None:
+        check_int("--workers", args.workers, minimum=0)
+    if args.dataset is not None:
+        check_choice("--dataset", args.dataset, DATASETS)
+    if args.model not in (None, TESTBED):
+        import open_clip
+
+        if open_clip.get_model_config(args.model.replace("/", "-")) is None and not args.model.startswith(
+            ("local-dir:", "hf-hub:")
+        ):
+            raise UsageError(
+                f"--model: expected an open_clip architecture or {TESTBED!r}, got {args.model!r}"
+            )
+    output = check_output_path(args.output)
+    rules = {"kind": "tpt", "resume": args.resume, "overwrite": args.overwrite, "argument": "--output"}
+    check_run_rules(output, **rules)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from fastcal.tpt import runner
 
     config = config_from_args(args)
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit: expected a positive number, got {args.limit}")
+    check_arguments(args)
     device, _ = _init_distributed(args.device)
     try:
         task = _task(args)
@@ -239,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
             config,
             args.output,
             resume=args.resume,
+            overwrite=args.overwrite,
             use_graph=False if args.eager else None,
             progress=not args.quiet,
         )

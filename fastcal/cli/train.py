@@ -20,7 +20,7 @@ from fastcal.cli import UsageError
 
 HELP = {
     "method": "coop, cocoop, kgcoop, maple or vpt",
-    "loss": "ce, calibrated (seed 000) or label_smoothing",
+    "loss": "ce, calibrated (TCPT's loss) or label_smoothing",
     "dataset": "a fastcal dataset name (default: the embedded testbed)",
     "root": "the folder holding the dataset",
     "shots": "training images per class (16)",
@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--config", metavar="YAML", help="a YAML file of config values (below the options)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the run --output holds (its files are removed)"
+    )
     group = parser.add_argument_group("config (default: the method's recipe; see fastcal.train.TrainConfig)")
     for name in TrainConfig.field_names():
         if name == "progress":
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if config.output is None:
         raise UsageError("--output: expected a run folder, got none")
-    results = train(config)
+    results = train(config, overwrite=args.overwrite)
     print(summary(results))
     print(f"results in {config.output}/results.json")
     return 0

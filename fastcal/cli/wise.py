@@ -31,21 +31,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-batch-size", type=int, default=256)
     parser.add_argument("--no-diagrams", action="store_true", help="skip the reliability diagrams")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--overwrite", action="store_true", help="replace the sweep the output folder holds")
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from fastcal._checks import check_number
+    from fastcal._checks import check_device, check_int, check_number
     from fastcal.finetune.distributed import init_distributed
     from fastcal.finetune.experiment import run_wise
     from fastcal.finetune.wise import parse_alphas
+    from fastcal.runs.folder import check_output_path, check_run_rules
 
     alphas = parse_alphas(args.alpha)
-    select = check_number("select", args.select, minimum=0.0, maximum=1.0)
-    context = init_distributed(args.device)
+    select = check_number("--select", args.select, minimum=0.0, maximum=1.0)
+    check_int("--workers", args.workers, minimum=0)
+    check_int("--eval-batch-size", args.eval_batch_size, minimum=1)
+    device = check_device("--device", args.device or "auto")
+    output = check_output_path(args.output if args.output is not None else Path(args.finetuned) / "wise")
+    check_run_rules(output, kind="wise", resume=False, overwrite=args.overwrite, argument="--output")
+    context = init_distributed(device)
     progress = not args.quiet and context.is_main
-    output = Path(args.output) if args.output is not None else Path(args.finetuned) / "wise"
     results = run_wise(
         args.finetuned,
         alphas,
@@ -58,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         eval_batch_size=args.eval_batch_size,
         diagrams=not args.no_diagrams,
         progress=progress,
+        overwrite=args.overwrite,
     )
     if context.is_main:
         print(sweep_table(results))

@@ -53,14 +53,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
     parser.add_argument("--cache-dir", metavar="DIR", help="feature cache (default $FASTCAL_CACHE/features)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the results the output folder holds"
+    )
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    from fastcal._checks import check_int
+    from fastcal._checks import check_choice, check_device, check_int
+    from fastcal.data import DATASETS
+    from fastcal.metrics.functional import MAX_BINS
     from fastcal.models.testbed import TESTBED_MODEL
+    from fastcal.runs.folder import check_output_path, check_run_rules
 
     check_int("--calibration-size", args.calibration_size, minimum=1)
-    check_int("--n-bins", args.n_bins, minimum=1)
+    check_int("--n-bins", args.n_bins, minimum=1, maximum=MAX_BINS)
+    check_device("--device", args.device)
+    if args.dataset != TESTBED_DATASET:
+        check_choice("--dataset", args.dataset, [TESTBED_DATASET, *DATASETS])
+    if args.model != TESTBED_MODEL and not args.model.startswith(("local-dir:", "hf-hub:")):
+        import open_clip
+
+        if open_clip.get_model_config(args.model.replace("/", "-")) is None:
+            raise UsageError(f"--model: expected an open_clip architecture, got {args.model!r}")
     weights_in_source = args.model.startswith(("local-dir:", "hf-hub:"))
     if args.model != TESTBED_MODEL and args.pretrained is None and not weights_in_source:
         raise UsageError(
@@ -69,6 +83,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         )
     if args.dataset != TESTBED_DATASET and args.root is None:
         raise UsageError(f"--root: expected the folder holding {args.dataset!r}, got nothing")
+    output = check_output_path(args.output)
+    check_run_rules(output, kind="zeroshot", resume=False, overwrite=args.overwrite, argument="--output")
 
 
 def load_model(args: argparse.Namespace) -> Any:
@@ -104,19 +120,23 @@ def load_splits(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastcal._io import write_json_atomic
-    from fastcal.cli.demo import check_row, format_table
-    from fastcal.methods.zeroshot import base_new_groups, zeroshot_report
-    from fastcal.metrics import reliability_diagram
+    from fastcal.runs.folder import RunFolder
 
     check_arguments(args)
     start = time.perf_counter()
     splits = load_splits(args)
     clip = load_model(args)
-    output = Path(args.output).expanduser()
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"--output: expected a folder, got the file {output}")
-    output.mkdir(parents=True, exist_ok=True)
+    with RunFolder.open(args.output, kind="zeroshot", overwrite=args.overwrite) as folder:
+        return _report(args, splits, clip, folder, start)
+
+
+def _report(args: argparse.Namespace, splits: Any, clip: Any, folder: Any, start: float) -> int:
+    from fastcal._io import write_json_atomic
+    from fastcal.cli.demo import check_row, format_table
+    from fastcal.methods.zeroshot import base_new_groups, zeroshot_report
+    from fastcal.metrics import reliability_diagram
+
+    output = folder.path
 
     figures: list[str] = []
 
@@ -154,6 +174,9 @@ def run(args: argparse.Namespace) -> int:
         "rows": rows,
         "total_seconds": time.perf_counter() - start,
     }
+    folder.write_manifest(
+        {"model": results["model"], "pretrained": results["pretrained"], "dataset": splits.name}
+    )
     write_json_atomic(output / "results.json", results)
     print(format_table(rows))
     print(

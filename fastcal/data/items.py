@@ -82,12 +82,23 @@ def prompt_classname(name: str) -> str:
     return name.replace("_", " ").strip()
 
 
+class UnreadableImageError(ValueError):
+    """An image file of a dataset that does not open or decode; the message names the file."""
+
+
 def load_image(image: ImageSource) -> Image.Image:
-    """An RGB PIL image from a path or an in-memory image (never modifies the input)."""
+    """An RGB PIL image from a path or an in-memory image (never modifies the input). A file that does
+    not open or decode is an ``UnreadableImageError`` naming it."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    with Image.open(image) as opened:
-        return opened.convert("RGB")
+    try:
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for missing, truncated, garbled files
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise UnreadableImageError(
+            f"image: expected a readable image file, got {image} ({reason}); remove or replace it"
+        ) from None
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from fastcal._checks import check_int, fail
-from fastcal._io import load_tensors, save_tensors, write_json_atomic
+from fastcal._io import canonical_json, load_tensors, save_tensors, write_json_atomic
 from fastcal.data.items import Item
 from fastcal.finetune.config import ECE_BINS, PUBLISHED_SOURCES, WISE_ALPHA, FinetuneConfig
 from fastcal.finetune.distributed import DistributedContext, barrier
@@ -47,6 +47,7 @@ from fastcal.finetune.evaluate import (
     head_classifier,
 )
 from fastcal.models.fingerprint import model_fingerprint
+from fastcal.runs.folder import RunFolder, hold_run_folder, run_kind
 
 TESTBED = "testbed"
 TESTBED_MODEL = "fastcal-testbed"
@@ -309,6 +310,7 @@ def run_finetune(
     pretrained: str | None,
     context: DistributedContext | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     num_workers: int = 0,
     eval_batch_size: int = 256,
     checkpoint_every: int | None = None,
@@ -321,17 +323,15 @@ def run_finetune(
 ) -> dict[str, Any]:
     """Fine-tune ``backbone`` (a ``LoadedClip``) with ``config`` on ``data``, evaluate, write ``output``.
 
-    With ``resume`` an existing checkpoint of the same run is continued (a finished run is only
-    re-evaluated); without it an existing checkpoint is an error. ``figure`` replaces the reliability
-    diagrams of ``diagrams`` (``fastcal.finetune.evaluate.evaluate``). Returns the results dict.
+    The main process holds ``output`` (``fastcal.runs.folder.RunFolder``): with ``resume`` the run it
+    holds is continued from its checkpoint (a finished run is only re-evaluated), with ``overwrite`` it
+    is replaced, and without either a folder holding a run is an error. ``figure`` replaces the
+    reliability diagrams of ``diagrams`` (``fastcal.finetune.evaluate.evaluate``). Returns the results.
     """
-    from fastcal.finetune.data import TrainingViews
-    from fastcal.finetune.flyp import CaptionSampler
-    from fastcal.finetune.trainer import Finetuner, total_steps, train
 
     output = Path(output)
     context = context or DistributedContext(device=backbone.model.logit_scale.device)
-    model, tokenizer = backbone.model, backbone.tokenizer
+    model = backbone.model
     run_key = {
         "finetune": config.to_dict(),
         "model": model_name,
@@ -339,13 +339,65 @@ def run_finetune(
         "backbone_fingerprint": model_fingerprint(model),
         "data": data.source,
     }
-    checkpoint = output / CHECKPOINT_FILE
-    if checkpoint.exists() and not resume:
-        raise fail(
-            "output",
-            f"a folder without a checkpoint (or resume=True / --resume to continue {checkpoint})",
-            str(output),
+
+    def prepare(folder: RunFolder) -> None:
+        previous = folder.manifest()
+        if previous is None:
+            folder.write_manifest({"run": run_key})
+        elif canonical_json(previous.get("run")) != canonical_json(run_key):
+            changed = sorted(k for k in run_key if previous.get("run", {}).get(k) != run_key[k])
+            raise fail(
+                "--resume",
+                f"the settings of the run in {output} (they differ in {', '.join(changed)})",
+                "other settings; use another --output, or --overwrite to replace that run",
+            )
+
+    with hold_run_folder(output, kind="finetune", resume=resume, overwrite=overwrite, prepare=prepare):
+        return _run_finetune(
+            config,
+            data,
+            backbone,
+            output,
+            run_key,
+            context=context,
+            resume=resume,
+            num_workers=num_workers,
+            eval_batch_size=eval_batch_size,
+            checkpoint_every=checkpoint_every,
+            log_every=log_every,
+            n_bins=n_bins,
+            diagrams=diagrams,
+            figure=figure,
+            progress=progress,
+            cache_dir=cache_dir,
         )
+
+
+def _run_finetune(
+    config: FinetuneConfig,
+    data: FinetuneData,
+    backbone: Any,
+    output: Path,
+    run_key: dict[str, Any],
+    *,
+    context: DistributedContext,
+    resume: bool,
+    num_workers: int,
+    eval_batch_size: int,
+    checkpoint_every: int | None,
+    log_every: int,
+    n_bins: int,
+    diagrams: bool,
+    figure: FigureHook | None,
+    progress: bool,
+    cache_dir: str | os.PathLike | None,
+) -> dict[str, Any]:
+    from fastcal.finetune.data import TrainingViews
+    from fastcal.finetune.flyp import CaptionSampler
+    from fastcal.finetune.trainer import Finetuner, total_steps, train
+
+    model, tokenizer = backbone.model, backbone.tokenizer
+    checkpoint = output / CHECKPOINT_FILE
     method = build_method(config, model, tokenizer, data, context=context, cache_dir=cache_dir)
     steps = total_steps(len(data.train), config)
     finetuner = Finetuner(method, config, steps, context=context)
@@ -422,6 +474,7 @@ def run_wise(
     cache_dir: str | os.PathLike | None = None,
     data: FinetuneData | None = None,
     backbone: Any = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``theta(alpha)`` (``fastcal.finetune.wise``) of a finished ``run_finetune`` folder.
 
@@ -429,7 +482,8 @@ def run_wise(
     missing; CaRot's 0.5), ``"sweep"``: ``[{"alpha", "id", "ood"}, ...]``, and ``"config"``. Reliability
     diagrams are drawn for ``select`` (or ``figure`` is called for it). ``data`` and ``backbone`` (the
     zero-shot model) may be passed in when the caller holds them; they are rebuilt from the run's config
-    otherwise.
+    otherwise. ``output`` is held as a run folder (``fastcal.runs.folder``): a folder that holds a run
+    is refused unless ``overwrite``.
     """
     from fastcal.finetune.ft import zero_shot_head
     from fastcal.finetune.wise import interpolate_state_dicts
@@ -437,11 +491,15 @@ def run_wise(
 
     run_dir, output = Path(run_dir), Path(output)
     results_path = run_dir / RESULTS
-    if not results_path.is_file():
-        raise FileNotFoundError(
-            f"run: expected a finished fastcal finetune folder with {results_path}, not found"
+    kind = run_kind(run_dir)
+    if kind not in ("finetune", "earlier") or not results_path.is_file():
+        found = "nothing" if kind is None else f"a {kind} run" if kind != "finetune" else "an unfinished run"
+        raise fail("--finetuned", "a finished fastcal finetune run folder", f"{run_dir}, which holds {found}")
+    saved = json.loads(results_path.read_text()).get("config", {})
+    if "finetune" not in saved:
+        raise fail(
+            "--finetuned", "a finished fastcal finetune run folder", f"{run_dir}, which holds another run"
         )
-    saved = json.loads(results_path.read_text())["config"]
     run_key = {k: saved[k] for k in ("finetune", "model", "pretrained", "backbone_fingerprint", "data")}
     config = FinetuneConfig.from_dict(saved["finetune"])
     if data is None:
@@ -474,50 +532,54 @@ def run_wise(
             raise FileNotFoundError(f"run: expected the FT head {run_dir / HEAD_FILE}, not found or corrupt")
         head = nn.Linear(weight.shape[1], weight.shape[0]).to(weight.device)
 
-    values = sorted(set(float(a) for a in alphas) | {float(select)})
-    if figure is None and diagrams:
-        figure = diagram_writer(
-            output / DIAGRAMS, f"WiSE-{config.method.upper()} alpha={select:g}", n_bins=n_bins
-        )
-    sweep = []
-    for alpha in values:
-        model.load_state_dict(interpolate_state_dicts(zero_shot, fine_tuned, alpha))
-        if head is not None:
-            head.load_state_dict(interpolate_state_dicts(zero_shot_heads, dict(fine_tuned_heads), alpha))
-        classifier_for = classifier_factory(
-            model, tokenizer, head=head, train_classnames=data.classnames, cache_dir=cache_dir
-        )
-        result = evaluate(
-            classifier_for,
-            data.test,
-            data.heldout,
-            data.ood,
-            backbone.eval_transform,
-            context=context,
-            n_bins=n_bins,
-            figure=figure if alpha == float(select) else None,
-            batch_size=eval_batch_size,
-            num_workers=num_workers,
-            precision=config.precision,
-            progress=progress,
-        )
-        sweep.append({"alpha": alpha, **result})
-    model.load_state_dict(zero_shot)
-    chosen = next(entry for entry in sweep if entry["alpha"] == float(select))
-    results = {
-        "id": chosen["id"],
-        "ood": chosen["ood"],
-        "config": {
-            **saved,
-            "wise": {
-                "alphas": values,
-                "select": float(select),
-                "n_bins": n_bins,
-                "finetuned": str(run_dir.absolute()),
+    def prepare(folder: RunFolder) -> None:
+        folder.write_manifest({"finetuned": str(run_dir.absolute()), "run": run_key})
+
+    with hold_run_folder(output, kind="wise", overwrite=overwrite, prepare=prepare):
+        values = sorted(set(float(a) for a in alphas) | {float(select)})
+        if figure is None and diagrams:
+            figure = diagram_writer(
+                output / DIAGRAMS, f"WiSE-{config.method.upper()} alpha={select:g}", n_bins=n_bins
+            )
+        sweep = []
+        for alpha in values:
+            model.load_state_dict(interpolate_state_dicts(zero_shot, fine_tuned, alpha))
+            if head is not None:
+                head.load_state_dict(interpolate_state_dicts(zero_shot_heads, dict(fine_tuned_heads), alpha))
+            classifier_for = classifier_factory(
+                model, tokenizer, head=head, train_classnames=data.classnames, cache_dir=cache_dir
+            )
+            result = evaluate(
+                classifier_for,
+                data.test,
+                data.heldout,
+                data.ood,
+                backbone.eval_transform,
+                context=context,
+                n_bins=n_bins,
+                figure=figure if alpha == float(select) else None,
+                batch_size=eval_batch_size,
+                num_workers=num_workers,
+                precision=config.precision,
+                progress=progress,
+            )
+            sweep.append({"alpha": alpha, **result})
+        model.load_state_dict(zero_shot)
+        chosen = next(entry for entry in sweep if entry["alpha"] == float(select))
+        results = {
+            "id": chosen["id"],
+            "ood": chosen["ood"],
+            "config": {
+                **saved,
+                "wise": {
+                    "alphas": values,
+                    "select": float(select),
+                    "n_bins": n_bins,
+                    "finetuned": str(run_dir.absolute()),
+                },
             },
-        },
-        "sweep": sweep,
-    }
-    if context.is_main:
-        write_json_atomic(output / RESULTS, results)
-    return results
+            "sweep": sweep,
+        }
+        if context.is_main:
+            write_json_atomic(output / RESULTS, results)
+        return results

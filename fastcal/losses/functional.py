@@ -39,6 +39,9 @@ __all__ = [
 
 
 _VALUE_CHECKS = threading.local()
+# CLIP caps its learned scale at 100; 10^4 leaves room for sharper scales while the squared margins of
+# the variance term, up to (2 s)^2 = 4e8, and their sums stay far inside float32's range.
+MAX_LOGIT_SCALE = 1e4
 
 
 @contextmanager
@@ -110,13 +113,19 @@ def _check_same_device(**tensors: torch.Tensor | None) -> None:
 
 
 def _check_logit_scale(logit_scale: float | torch.Tensor) -> None:
+    """The exponentiated scale s in (0, MAX_LOGIT_SCALE], the same check for every backend."""
+    expected = f"an exponentiated scale in (0, {MAX_LOGIT_SCALE:g}] (CLIP caps it at 100)"
     if isinstance(logit_scale, torch.Tensor):
         if logit_scale.numel() != 1 or logit_scale.ndim > 1:
             raise fail("logit_scale", "a float or a 0-dim tensor", f"shape {tuple(logit_scale.shape)}")
-        if _check_tensor("logit_scale", logit_scale, floating=True) and not bool(logit_scale.detach() > 0):
-            raise fail("logit_scale", "a positive (already exponentiated) scale", float(logit_scale))
+        if _check_tensor("logit_scale", logit_scale, floating=True):
+            value = float(logit_scale.detach())
+            if not 0.0 < value <= MAX_LOGIT_SCALE:
+                raise fail("logit_scale", expected, value)
     else:
-        check_number("logit_scale", logit_scale, minimum=0.0, strict_minimum=True)
+        value = check_number("logit_scale", logit_scale)
+        if not 0.0 < value <= MAX_LOGIT_SCALE:
+            raise fail("logit_scale", expected, value)
 
 
 def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:

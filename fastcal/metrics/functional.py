@@ -49,6 +49,9 @@ import torch
 from fastcal._checks import check_choice, check_int, check_labels, check_number, check_tensor, fail
 
 ROW_SUM_TOLERANCE = 1e-3
+# Bin counts above this are refused everywhere: each bin costs memory, and a million bins already leave
+# almost every bin of any real evaluation set empty.
+MAX_BINS = 1_000_000
 NLL_EPS = 1e-12
 REPORT_KEYS = ("accuracy", "ece", "mce", "l2", "brier", "nll", "confidence", "count", "n_bins")
 BOOTSTRAP_KEYS = ("accuracy", "ece", "mce", "l2", "brier", "nll", "confidence", "ace", "smooth_ece")
@@ -61,7 +64,8 @@ def check_probabilities(probs, labels, *, name: str = "probs", labels_name: str 
 
     Raises ``ValueError`` naming the argument for a wrong rank or type, an empty tensor, NaN/inf,
     labels outside [0, C) or of the wrong length, a different device, and rows outside [0, 1] or not
-    summing to 1 within ``ROW_SUM_TOLERANCE`` (the usual sign of logits passed for probabilities).
+    summing to 1 within ``ROW_SUM_TOLERANCE`` (or twice the dtype's machine epsilon, for half-precision
+    probabilities; rows off by more are the usual sign of logits passed for probabilities).
     """
     check_tensor(name, probs, ndim=2, floating=True, finite=False)
     check_tensor(labels_name, labels, ndim=1, integer=True, nonempty=False)
@@ -74,10 +78,13 @@ def check_probabilities(probs, labels, *, name: str = "probs", labels_name: str 
     if not (math.isfinite(lo) and math.isfinite(hi)):
         n_bad = int((~torch.isfinite(probs)).sum())
         raise fail(name, "finite values (no NaN or inf)", f"{n_bad} non-finite entries")
-    if lo < 0.0 or hi > 1.0 + 1e-6 or max(abs(s_lo - 1.0), abs(s_hi - 1.0)) > ROW_SUM_TOLERANCE:
+    # each entry rounded to the dtype is off by eps / 2 of itself, so a row's sum by eps / 2 (the entries
+    # sum to 1), plus the softmax's own rounding: 2 eps leaves room for both
+    tolerance = max(ROW_SUM_TOLERANCE, 2 * torch.finfo(probs.dtype).eps)
+    if lo < 0.0 or hi > 1.0 + tolerance or max(abs(s_lo - 1.0), abs(s_hi - 1.0)) > tolerance:
         raise fail(
             name,
-            f"probabilities: entries in [0, 1] and rows summing to 1 within {ROW_SUM_TOLERANCE:g} "
+            f"probabilities: entries in [0, 1] and rows summing to 1 within {tolerance:g} "
             "(pass probabilities, not logits: softmax first)",
             f"entries in [{lo:.6g}, {hi:.6g}] and row sums in [{s_lo:.6g}, {s_hi:.6g}]",
         )
@@ -85,7 +92,7 @@ def check_probabilities(probs, labels, *, name: str = "probs", labels_name: str 
 
 
 def _check_n_bins(n_bins) -> int:
-    return check_int("n_bins", n_bins, minimum=1)
+    return check_int("n_bins", n_bins, minimum=1, maximum=MAX_BINS)
 
 
 class RowStatistics(NamedTuple):

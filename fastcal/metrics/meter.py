@@ -18,6 +18,7 @@ import torch
 
 from fastcal._checks import check_int, check_tensor, fail
 from fastcal.metrics.functional import (
+    MAX_BINS,
     NLL_EPS,
     _SmoothECE,
     bin_sums,
@@ -44,7 +45,7 @@ class CalibrationMeter:
     """
 
     def __init__(self, n_bins: int = 15, *, keep_samples: bool = False, validate: bool = True):
-        self.n_bins = check_int("n_bins", n_bins, minimum=1)
+        self.n_bins = check_int("n_bins", n_bins, minimum=1, maximum=MAX_BINS)
         self.keep_samples = bool(keep_samples)
         self.validate = bool(validate)
         self.reset()

@@ -75,12 +75,13 @@ def calibrated_prompt_loss(
     reduction: str = "mean",
     backend: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Seed 000's calibrated loss on the chosen backend: ``(loss, {"ce", "margin", "moment"})``.
+    """TCPT's calibrated loss on the chosen backend: ``(loss, {"ce", "margin", "moment"})``.
 
     The formula is in ``fastcal.ops.reference``; ``logit_scale`` is the exponentiated scale, a float
     or a one-element tensor (gradients reach it when it requires them).
     """
     chosen = resolve_backend(backend, image_features.device)
+    labels = labels.long()  # int32 and uint8 labels index like int64 ones, on every backend
     hyper = {
         "margin_alpha": margin_alpha,
         "margin_beta": margin_beta,
@@ -93,7 +94,6 @@ def calibrated_prompt_loss(
             image_features, text_features, labels, logit_scale, frozen_text_features, **hyper
         )
 
-    labels = labels.long()
     if chosen == "native":
         from fastcal.ops.native import NativeCalibratedLoss
 

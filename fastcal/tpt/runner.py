@@ -49,6 +49,7 @@ from fastcal._checks import check_choice, check_int, check_number, fail
 from fastcal._io import append_jsonl, cached_tensors, canonical_json, read_jsonl, write_json_atomic
 from fastcal.data.items import Item, load_image
 from fastcal.models.clip import LoadedClip
+from fastcal.runs.folder import RunFolder, hold_run_folder
 from fastcal.tpt.augment import ViewAugmenter, decode, normalization, sample_generator, view_size
 from fastcal.tpt.fpp import FPPConfig, pretrain_context
 from fastcal.tpt.step import TuningConfig
@@ -344,19 +345,15 @@ def _manifest(clip: LoadedClip, task: Task, config: RunConfig) -> dict[str, Any]
     }
 
 
-def _check_manifest(path: Path, manifest: dict[str, Any], resume: bool, records_path: Path) -> None:
-    if path.exists():
-        previous = json.loads(path.read_text())
-        if canonical_json(previous) != canonical_json(manifest):
-            changed = sorted(k for k in set(previous) | set(manifest) if previous.get(k) != manifest.get(k))
-            raise fail(
-                "output",
-                f"a folder of this run ({MANIFEST} differs in {', '.join(changed)}); use another --output",
-                str(path.parent),
-            )
-    if records_path.exists() and read_jsonl(records_path) and not resume:
+def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """A resumed run must compute what the folder's run computed."""
+    previous = {k: v for k, v in json.loads(path.read_text()).items() if k != "kind"}
+    if canonical_json(previous) != canonical_json(manifest):
+        changed = sorted(k for k in set(previous) | set(manifest) if previous.get(k) != manifest.get(k))
         raise fail(
-            "output", "a folder without records (pass --resume to continue the run there)", str(path.parent)
+            "--resume",
+            f"the settings of the run in {path.parent} ({MANIFEST} differs in {', '.join(changed)})",
+            "other settings; use another --output, or --overwrite to replace that run",
         )
 
 
@@ -499,25 +496,43 @@ def run(
     output: str | os.PathLike,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     use_graph: bool | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``config.method`` on ``task`` into the folder ``output`` (module docstring); return the
-    results (the content of ``results.json``). Under ``torch.distributed`` every rank calls this."""
+    results (the content of ``results.json``). Under ``torch.distributed`` every rank calls this; rank 0
+    holds the folder (``fastcal.runs.folder.RunFolder``: ``resume`` continues the run it holds,
+    ``overwrite`` replaces it)."""
     if not task.items:
         raise fail("task.items", "at least one test item", "none")
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    records_path = output / RECORDS
+    manifest = _manifest(clip, task, config)
+
+    def prepare(folder: RunFolder) -> None:
+        if folder.manifest() is None:
+            folder.write_manifest(manifest)
+        else:
+            _check_manifest(output / MANIFEST, manifest)
+        drop_torn_tail(records_path)
+
+    with hold_run_folder(output, kind="tpt", resume=resume, overwrite=overwrite, prepare=prepare):
+        return _run(clip, task, config, output, manifest, use_graph=use_graph, progress=progress)
+
+
+def _run(
+    clip: LoadedClip,
+    task: Task,
+    config: RunConfig,
+    output: Path,
+    manifest: dict[str, Any],
+    *,
+    use_graph: bool | None,
+    progress: bool,
+) -> dict[str, Any]:
     rank, world = _rank_world()
     records_path = output / RECORDS
-    manifest_path = output / MANIFEST
-    manifest = _manifest(clip, task, config)
-    _check_manifest(manifest_path, manifest, resume, records_path)
-    if rank == 0:
-        drop_torn_tail(records_path)
-        if not manifest_path.exists():
-            write_json_atomic(manifest_path, manifest)
-    _barrier()
     device = next(clip.model.parameters()).device
     show = progress and rank == 0
 

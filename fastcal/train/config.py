@@ -16,12 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastcal._checks import check_choice, check_int, check_number, fail
+from fastcal._checks import check_choice, check_device, check_int, check_number, fail
+from fastcal.data.registry import DATASETS
+from fastcal.metrics.functional import MAX_BINS
 
 LOSSES = ("ce", "calibrated", "label_smoothing")
 PROTOCOLS = ("base2new", "all")
 FROZEN_TEMPLATES = ("hard", "ensemble")
 DEFAULT_LABEL_SMOOTHING = 0.1
+DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-B-16", "openai"
+TESTBED_MODEL = "fastcal-testbed"
+PRECISIONS = ("fp32", "fp16", "bf16")
+RANDOM_INIT = "none"
 # Config keys that may differ between a run and its resumption (they do not change the result).
 RESUME_FREE_KEYS = ("output", "resume", "progress", "num_workers", "cache_dir", "device", "root")
 
@@ -35,9 +41,11 @@ class TrainConfig:
     test on base and new; ``"all"``: train and test on every class), ``seed`` (few-shot draw,
     initialization, batch order).
 
-    Model: ``model`` / ``pretrained`` (an open_clip architecture and tag or checkpoint file; ignored on
-    the testbed), ``precision``, ``device`` (``"auto"``: CUDA when available), ``amp`` (fp16 autocast
-    with a gradient scaler, on CUDA only).
+    Model: ``model`` / ``pretrained`` (an open_clip architecture, default ViT-B-16, and a pretrained tag
+    or checkpoint file, default ``"openai"``, ``"none"`` for a random initialization; on the testbed
+    both stay unset: it brings its own CLIP, recorded as ``fastcal-testbed``), ``precision``
+    (``fp32``, ``fp16``, ``bf16``), ``device`` (``"auto"``: CUDA when available), ``amp`` (fp16
+    autocast with a gradient scaler, on CUDA only).
 
     Method: ``method`` and its options (``n_ctx``, ``ctx_init`` (``""``: random initialization),
     ``class_specific``, ``class_token_position``, ``init_std``; MaPLe's ``prompt_depth``; VPT's
@@ -70,8 +78,8 @@ class TrainConfig:
     seed: int = 1
     output: str | None = None
 
-    model: str = "ViT-B-16"
-    pretrained: str | None = "openai"
+    model: str | None = None
+    pretrained: str | None = None
     precision: str = "fp32"
     device: str = "auto"
     amp: bool = True
@@ -154,9 +162,12 @@ class TrainConfig:
         check_choice("loss", self.loss, LOSSES)
         check_choice("protocol", self.protocol, PROTOCOLS)
         check_choice("frozen_templates", self.frozen_templates, FROZEN_TEMPLATES)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_device("device", self.device)
+        self._check_model()
         check_int("shots", self.shots, minimum=1)
         check_int("seed", self.seed, minimum=0)
-        check_int("n_bins", self.n_bins, minimum=1)
+        check_int("n_bins", self.n_bins, minimum=1, maximum=MAX_BINS)
         check_int("eval_batch_size", self.eval_batch_size, minimum=1)
         check_int("num_workers", self.num_workers, minimum=0)
         for name in ("n_ctx", "prompt_depth", "n_ctx_vision", "vision_depth", "epochs", "batch_size"):
@@ -178,14 +189,35 @@ class TrainConfig:
         check_number("init_std", self.init_std, minimum=0.0, strict_minimum=True)
         if self.label_smoothing is not None:
             check_number("label_smoothing", self.label_smoothing, minimum=0.0, maximum=1.0)
-        if self.dataset is not None and self.root is None:
-            raise fail("root", "the dataset folder with --dataset", "none")
+        if self.dataset is not None:
+            check_choice("dataset", self.dataset, DATASETS)
+            if self.root is None:
+                raise fail("root", "the dataset folder with --dataset", "none")
         for name in self.regularizer_options:
             if name not in self.regularizers:
                 raise fail(
                     "regularizer_options", f"options only for listed regularizers {self.regularizers}", name
                 )
         return self
+
+    def _check_model(self) -> None:
+        if self.dataset is None:
+            if self.model not in (None, TESTBED_MODEL):
+                raise fail(
+                    "model", f"none with the embedded testbed (it brings {TESTBED_MODEL})", repr(self.model)
+                )
+            if self.pretrained is not None:
+                raise fail(
+                    "pretrained",
+                    "none with the embedded testbed (it brings its weights)",
+                    repr(self.pretrained),
+                )
+            return
+        if self.model is not None and not self.model.startswith(("local-dir:", "hf-hub:")):
+            import open_clip
+
+            if open_clip.get_model_config(self.model.replace("/", "-")) is None:
+                raise fail("model", "an open_clip architecture (open_clip.list_models())", repr(self.model))
 
     def resolved(self) -> TrainConfig:
         """This config with the method's recipe filling every ``None`` it has a value for (on the
@@ -200,6 +232,12 @@ class TrainConfig:
         for key, value in recipe.items():
             if values.get(key) is None:
                 values[key] = value
+        if self.dataset is None:
+            values["model"] = TESTBED_MODEL
+        else:
+            values["model"] = values["model"] or DEFAULT_MODEL
+            if values["pretrained"] is None and not values["model"].startswith(("local-dir:", "hf-hub:")):
+                values["pretrained"] = DEFAULT_PRETRAINED
         if values["label_smoothing"] is None:
             values["label_smoothing"] = DEFAULT_LABEL_SMOOTHING if self.loss == "label_smoothing" else 0.0
         for key in ("epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs", "warmup_lr"):
@@ -215,7 +253,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config: expected a YAML file, got {path}, which does not exist")
-    loaded = yaml.safe_load(path.read_text()) or {}
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise fail("config", f"a YAML mapping in {path}", f"invalid YAML{line} ({problem})") from None
     if not isinstance(loaded, dict):
         raise fail("config", f"a YAML mapping of keys to values in {path}", type(loaded).__name__)
     return loaded

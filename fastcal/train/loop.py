@@ -39,12 +39,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from fastcal._checks import fail
-from fastcal._io import atomic_path, write_json_atomic
+from fastcal._io import atomic_path, load_torch_file, write_json_atomic
 from fastcal.data.items import DatasetSplits, ImageListDataset
 from fastcal.losses import value_checks
 from fastcal.methods.base import MethodSpec, PromptMethod, get_method
 from fastcal.models.cache import SeededViews
 from fastcal.models.clip import LoadedClip
+from fastcal.runs.folder import RunFolder
 from fastcal.train.config import RESUME_FREE_KEYS, TrainConfig
 from fastcal.train.data import (
     EvalGroup,
@@ -120,7 +121,13 @@ def method_options(spec: MethodSpec, config: TrainConfig) -> dict[str, Any]:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every generator's state, as tensors and plain values (a checkpoint loads with weights_only)."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -129,7 +136,8 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -449,7 +457,13 @@ def save_checkpoint(run: Run, path: Path, epochs_done: int, history: list[dict[s
 
 def load_checkpoint(run: Run, path: Path) -> tuple[int, list[dict[str, Any]]]:
     """Restore ``run`` from ``path``; returns (epochs done, history). The config must match."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_torch_file(
+        path,
+        what="checkpoint",
+        hint="remove it to restart the run from its first epoch with --resume, or pass --overwrite",
+    )
+    if not isinstance(state, dict) or not {"epochs_done", "tuned", "config", "rng"} <= set(state):
+        raise fail("checkpoint", f"a fastcal training checkpoint in {path}", "a file of another kind")
     saved, current = state["config"], run.config.to_dict()
     differing = sorted(k for k in current if k not in RESUME_FREE_KEYS and saved.get(k) != current[k])
     if differing:
@@ -477,8 +491,8 @@ def save_prompt(run: Run, path: Path) -> None:
             "classnames": run.data.train_classnames,
             "tuned": run.method.tuned_state_dict(),
             "model": {
-                "name": "fastcal-testbed" if config.dataset is None else config.model,
-                "pretrained": None if config.dataset is None else config.pretrained,
+                "name": config.model,
+                "pretrained": config.pretrained,
                 "fingerprint": run.model_key,
             },
             "config": config.to_dict(),
@@ -486,19 +500,22 @@ def save_prompt(run: Run, path: Path) -> None:
     )
 
 
-def _read_prompt_file(path: str | Path) -> dict[str, Any]:
-    """The contents of a saved prompt (a file, or a run folder holding ``prompt.pt``), format checked."""
+def _read_prompt_file(path: str | Path, what: str = "prompt") -> dict[str, Any]:
+    """The contents of a saved prompt (a file, or a run folder holding ``prompt.pt``), format checked;
+    errors name ``what``."""
     path = Path(path)
     if path.is_dir():
         path = path / PROMPT_NAME
     if not path.is_file():
         raise FileNotFoundError(
-            f"prompt: expected a saved prompt file ({PROMPT_NAME}), got {path}, not found"
+            f"{what}: expected a saved prompt file ({PROMPT_NAME}), got {path}, not found"
         )
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("format") != PROMPT_FORMAT:
+    state = load_torch_file(path, what=what)
+    if not isinstance(state, dict) or state.get("format") != PROMPT_FORMAT:
         raise fail(
-            "prompt", f"a fastcal prompt file of format {PROMPT_FORMAT}", f"format {state.get('format')!r}"
+            what,
+            f"a fastcal prompt file of format {PROMPT_FORMAT} in {path}",
+            f"format {state.get('format')!r}" if isinstance(state, dict) else type(state).__name__,
         )
     return state
 
@@ -512,9 +529,9 @@ def load_prompt(path: str | Path, clip: LoadedClip, *, device: str | torch.devic
     return method.to(device)
 
 
-def prompt_metadata(path: str | Path) -> dict[str, Any]:
-    """The saved prompt's method, model and config (without rebuilding it)."""
-    state = _read_prompt_file(path)
+def prompt_metadata(path: str | Path, what: str = "prompt") -> dict[str, Any]:
+    """The saved prompt's method, model and config (without rebuilding it); errors name ``what``."""
+    state = _read_prompt_file(path, what)
     return {k: state[k] for k in ("method", "options", "classnames", "model", "config")}
 
 
@@ -525,6 +542,7 @@ def train(
     clip: LoadedClip | None = None,
     splits: DatasetSplits | None = None,
     stop_after: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train ``config.method`` and evaluate it; returns the results dict (also written to ``output``).
 
@@ -533,19 +551,38 @@ def train(
         clip, splits: an already loaded model and dataset (default: from the config).
         stop_after: stop after this many epochs in total, without evaluating (as a preempted job
             would); a later call with ``resume=True`` continues. Returns ``{}`` then.
+        overwrite: replace a run that ``config.output`` holds (else that is an error unless
+            ``config.resume``; ``fastcal.runs.folder``).
     """
+    config = config.resolved()
+    if config.output is None:
+        if config.resume:
+            raise fail("resume", "an output folder with a checkpoint", "no output folder")
+        return _train(config, None, clip=clip, splits=splits, stop_after=stop_after)
+    with RunFolder.open(config.output, kind="train", resume=config.resume, overwrite=overwrite) as folder:
+        return _train(config, folder, clip=clip, splits=splits, stop_after=stop_after)
+
+
+def _train(
+    config: TrainConfig,
+    folder: RunFolder | None,
+    *,
+    clip: LoadedClip | None,
+    splits: DatasetSplits | None,
+    stop_after: int | None,
+) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
     run = prepare(config, clip=clip, splits=splits)
     config = run.config
-    output = Path(config.output) if config.output is not None else None
+    output = folder.path if folder is not None else None
     checkpoint = output / CHECKPOINT_NAME if output is not None else None
     epochs_done, history = 0, []
-    if config.resume:
-        if checkpoint is None:
-            raise fail("resume", "an output folder with a checkpoint", "no output folder")
-        if checkpoint.is_file():
+    if folder is not None:
+        if folder.manifest() is None:
+            folder.write_manifest({"config": config.to_dict(), "model_fingerprint": run.model_key})
+        if config.resume and checkpoint.is_file():
             epochs_done, history = load_checkpoint(run, checkpoint)
     last = config.epochs if stop_after is None else min(stop_after, config.epochs)
     bar = tqdm(

@@ -45,10 +45,10 @@ def load_saved_clip(metadata: dict[str, Any], *, cache_dir: str | os.PathLike | 
         clip = load_testbed_clip(cache_dir=cache, progress=False)
     else:
         from fastcal.models import load_clip
+        from fastcal.train.config import RANDOM_INIT
 
-        clip = load_clip(
-            model["name"], model["pretrained"], precision=metadata["config"].get("precision", "fp32")
-        )
+        pretrained = None if model["pretrained"] == RANDOM_INIT else model["pretrained"]
+        clip = load_clip(model["name"], pretrained, precision=metadata["config"].get("precision", "fp32"))
     if model_fingerprint(clip.model) != model["fingerprint"]:
         raise fail(
             "model",

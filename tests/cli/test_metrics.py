@@ -127,7 +127,7 @@ def test_progress_bars_on_large_files(tmp_path, capsys, monkeypatch):
         (
             {"logits": np.zeros((3, 2)), "labels": np.array([0, 1, 2])},
             [],
-            r"labels: expected labels in \[0, 2\)",
+            r"PRED_FILE\['labels'\]: expected labels in \[0, 2\)",
         ),
         ({"logits": np.zeros((3, 2)), "labels": np.zeros(3, dtype=np.int64)}, ["--n-bins", "0"], "--n-bins"),
         ({"logits": np.zeros((3, 2)), "labels": np.zeros(3, dtype=np.int64)}, ["--level", "1.5"], "--level"),
@@ -155,7 +155,7 @@ def test_wrong_extension_and_calibration_file_errors(tmp_path, capsys):
     assert status == 2 and "--temperature-from: no such file" in captured.err
     np.savez(tmp_path / "calib.npz", probs=torch.softmax(logits, 1).numpy(), labels=labels.numpy() + 5)
     status, captured = run_cli(capsys, tmp_path / "preds.npz", "--temperature-from", tmp_path / "calib.npz")
-    assert status == 2 and "labels: expected labels in [0, 3)" in captured.err
+    assert status == 2 and "--temperature-from['labels']: expected labels in [0, 3)" in captured.err
 
 
 def test_console_entry_point(tmp_path):

@@ -51,6 +51,6 @@ def test_wise_sweep_endpoints(testbed_cache, tmp_path, capsys):
 
 def test_wise_errors(cache_dir, tmp_path, capsys):
     assert main(["wise", "--finetuned", str(tmp_path), "--alpha", "0:1:0.5"]) == 2
-    assert "results.json" in capsys.readouterr().err
+    assert "--finetuned: expected a finished fastcal finetune run folder" in capsys.readouterr().err
     assert main(["wise", "--finetuned", str(tmp_path), "--alpha", "0:2:0.5"]) == 2
     assert "alpha" in capsys.readouterr().err

@@ -113,7 +113,7 @@ def test_testbed_by_default_matches_the_method(testbed_cache, testbed_clip, tmp_
     [
         (["--model", "ViT-B-32", "--dataset", "imagefolder", "--root", "."], "--pretrained: expected"),
         (["--dataset", "imagefolder"], "--root: expected the folder"),
-        (["--dataset", "no_such_set", "--root", "."], "name: expected one of"),
+        (["--dataset", "no_such_set", "--root", "."], "--dataset: expected one of"),
         (["--dataset", "dtd", "--root", "/no/such/folder"], "root: expected an existing folder"),
         (["--calibration-size", "0"], "--calibration-size: expected an integer >= 1"),
     ],

@@ -54,8 +54,8 @@ IMAGE, TEXT, LABELS, FROZEN = problem()
         ({"image_features": IMAGE.long()}, "image_features: expected a floating-point tensor"),
         ({"image_features": IMAGE[:0]}, "image_features: expected a non-empty tensor"),
         ({"image_features": with_entry(IMAGE, 4, 0.0)}, "image_features: expected rows with a nonzero norm"),
-        ({"logit_scale": 0.0}, "logit_scale: expected a number > 0"),
-        ({"logit_scale": torch.tensor(-3.0)}, "logit_scale: expected a positive"),
+        ({"logit_scale": 0.0}, r"logit_scale: expected an exponentiated scale in \(0, 10000\]"),
+        ({"logit_scale": torch.tensor(-3.0)}, r"logit_scale: expected an exponentiated scale in \(0, 10000\]"),
         ({"logit_scale": torch.tensor([1.0, 2.0])}, "logit_scale: expected a float or a 0-dim tensor"),
         ({"logit_scale": torch.tensor(float("nan"))}, "logit_scale: expected finite values"),
     ],
@@ -236,3 +236,20 @@ def test_value_checks_are_per_thread():
         worker.join()
         assert not LF._values_readable(IMAGE)
     assert seen == [True]
+
+
+@pytest.mark.parametrize("backend", ["torch", "native", "auto"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8])
+def test_narrow_integer_labels_give_the_int64_result(backend, dtype):
+    image, text, labels, frozen = problem(b=11, c=7, seed=3)
+    want = LF.calibrated_prompt_loss(image, text, labels, 25.0, frozen, backend="torch")
+    got = LF.calibrated_prompt_loss(image, text, labels.to(dtype), 25.0, frozen, backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+@pytest.mark.parametrize("scale", [1e30, 0.0, -3.0, torch.tensor(1e30, dtype=torch.float64)])
+def test_the_logit_scale_range_is_checked_alike_on_every_backend(backend, scale):
+    image, text, labels, frozen = problem()
+    with pytest.raises(ValueError, match=r"logit_scale: expected an exponentiated scale in \(0, 10000\]"):
+        LF.calibrated_prompt_loss(image, text, labels, scale, frozen, backend=backend)

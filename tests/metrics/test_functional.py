@@ -554,3 +554,19 @@ def test_validation_choices():
         smooth_ece(probs, labels, bandwidth=0.0)
     with pytest.raises(ValueError, match="keys: expected one of"):
         bootstrap_report(probs, labels, keys=("ece", "auroc"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_probabilities_are_probabilities(dtype):
+    """Rows of a softmax taken in bf16 / fp16 sum to 1 only within the dtype's rounding; they are
+    accepted, and give the metrics of the same rows in float64, while logits are still refused."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(301, 37, generator=g) * 4
+    labels = torch.randint(0, 37, (301,), generator=g)
+    probs = logits.to(dtype).softmax(-1)
+    got = calibration_report(probs, labels, n_bins=15)
+    want = calibration_report(probs.double() / probs.double().sum(-1, keepdim=True), labels, n_bins=15)
+    assert got["accuracy"] == want["accuracy"]
+    assert got["ece"] == pytest.approx(want["ece"], abs=4 * torch.finfo(dtype).eps)
+    with pytest.raises(ValueError, match="pass probabilities, not logits"):
+        calibration_report(logits.to(dtype), labels)
