@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # One-step set-up on a fresh machine: a virtual environment in .venv with fastcal and its test
-# extras installed (not editable: what the tests import is what a user gets).
+# extras installed at the versions in constraints.txt (not editable: what the tests import is what a
+# user gets).
 set -euo pipefail
 cd "$(dirname "$0")"
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-.venv/bin/python -m pip install --quiet --disable-pip-version-check ".[test]"
+# The exact tested versions (constraints.txt) of the ranges pyproject.toml declares. pip also applies
+# any constraint file in its own configuration (pip config list; e.g. a machine-wide cap such as
+# /etc/xdg/pip/constraints.txt): both must allow the pins, or pip stops with ResolutionImpossible.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt ".[test]"
 # WordNet 3.0 for DOR's outlier vocabulary: Debian's packages, made readable by nltk by `fastcal wordnet`.
 # Never fails the set-up.
 if ! .venv/bin/fastcal wordnet 2>/dev/null; then

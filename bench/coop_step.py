@@ -1,4 +1,4 @@
-"""Bench: one CoOp training step with seed 000's calibrated loss, the reference way vs fastcal's.
+"""Bench: one CoOp training step with TCPT's calibrated loss, the reference way vs fastcal's.
 
 Shape: random-init ViT-B-16 (image tower 12 x 768 at 224 px, text tower 12 x 512 with 77 positions),
 a batch of 32, CoOp's default 16-token random context (unified, class token at the end), SGD on the
@@ -18,7 +18,7 @@ Variants, one step = forward + loss + backward + SGD step:
 - fastcal: ``fastcal.methods.coop.CoOp`` on cached image features (the trainer's path), the start token
   and context computed once for all classes (``fastcal.methods.prefix.PackedPrompts``, exact) and the
   fused ``CalibratedPromptLoss`` (``backend="auto"``: the native C++ kernel on CPU) through
-  ``fastcal.train.objectives.CalibratedLoss``;
+  ``fastcal.methods.objectives.CalibratedLoss``;
 - fastcal, whole prompts (ablation): the same with every class prompt run whole through the exact
   truncated, length-bucketed text encoder (``PromptLearner`` over ``TextEncoder``).
 
@@ -27,32 +27,24 @@ memory is reported as such) with glibc's mmap threshold at 64 KiB (freed tensors
 a warm-up step, then the timed steps. Time: the median, on the wall clock and in the process's CPU time
 (all threads; steadier when other processes share the cores). Peak memory: VmHWM during the timed steps
 minus VmRSS before them (high-water mark reset through /proc/self/clear_refs after the warm-up). Target
-(issue 6, this CPU): fastcal >= 4x the reference. Results: bench/results/coop_step.json.
+(this CPU): fastcal >= 4x the reference. Results: bench/results/coop_step.json.
 
     .venv/bin/python bench/coop_step.py                # 100 classes, 3 rounds
     .venv/bin/python bench/coop_step.py --full         # 1,000 classes (the reference needs > 24 GB)
     .venv/bin/python bench/coop_step.py --classes 500  # any other class count
-    .venv/bin/python bench/coop_step.py --quick        # 1 round, no memory subprocesses
+    .venv/bin/python bench/coop_step.py --quick        # 1 timed step per variant
     .venv/bin/python bench/coop_step.py --threads 1    # steadier ratios on a shared machine
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
-import time
-from pathlib import Path
 
+import harness
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "coop_step.json"
 TARGET = 4.0
 VARIANTS = ("reference", "cached_77", "fastcal_unpacked", "fastcal")
 LABELS = {
@@ -150,7 +142,7 @@ def build(variant: str, count: int):
     if variant.startswith("fastcal"):
         from fastcal.methods.base import MethodOutput
         from fastcal.methods.coop import CoOp
-        from fastcal.train.objectives import CalibratedLoss, StepBatch
+        from fastcal.methods.objectives import CalibratedLoss, StepBatch
 
         # the ablation: every class prompt through the truncated encoder, the shared prefix not reused
         method_class = (
@@ -191,51 +183,15 @@ def build(variant: str, count: int):
 
 
 # ---- measurement -----------------------------------------------------------------------------------
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def child(variant: str, count: int, rounds: int) -> None:
-    """Run ``variant`` in this (fresh) process: a warm-up step, then ``rounds`` timed steps; print the
-    times and the peak memory of the timed steps as JSON."""
+def child(variant: str, count: int, rounds: int) -> dict:
+    """Run ``variant`` in this (fresh) process: a warm-up step, then ``rounds`` timed steps; their times
+    and the peak memory of the timed steps."""
     step = build(variant, count)
     step()  # warm-up (and the native loss's first load)
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _status_kib("VmRSS")
-    wall, cpu = [], []
-    for _ in range(rounds):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        step()
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - cpu_start)
-    peak = (_status_kib("VmHWM") - before) * 1024
-    print(json.dumps({"seconds": wall, "cpu_seconds": cpu, "peak_bytes": peak}))
-
-
-def measure(variant: str, args, rounds: int) -> dict:
-    """``child`` in a subprocess; a variant that dies (the kernel's OOM killer) is reported, not hidden."""
-    command = [
-        sys.executable,
-        __file__,
-        "--child",
-        variant,
-        "--rounds",
-        str(rounds),
-        "--threads",
-        str(args.threads),
-        "--classes",
-        str(args.classes),
-    ]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
-    if done.returncode != 0:
-        killed = done.returncode in (-9, 137)
-        reason = "killed (out of memory)" if killed else (done.stderr.strip().splitlines() or ["failed"])[-1]
-        return {"error": reason}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    peak, runs = harness.peak_memory(
+        lambda: harness.repeated(step, rounds, warmup=0, clocks=harness.WALL_AND_CPU)
+    )
+    return {"seconds": runs.seconds["wall"], "cpu_seconds": runs.seconds["cpu"], "peak_bytes": peak}
 
 
 def main() -> None:
@@ -249,18 +205,15 @@ def main() -> None:
         "--rounds", type=int, default=None, help="timed steps (default 3; --full 1; --quick 1)"
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    env = harness.start(args.threads)
     args.classes = args.classes or (1000 if args.full else 100)
     rounds = args.rounds or (1 if args.quick or args.classes > 100 else 3)
-    if args.child:
-        child(args.child, args.classes, rounds)
-        return
 
-    from fastcal._io import write_json_atomic
-
-    measured = {variant: measure(variant, args, rounds) for variant in VARIANTS}
+    measured = {
+        variant: harness.in_subprocess(child, variant=variant, count=args.classes, rounds=rounds)
+        for variant in VARIANTS
+    }
     wall = {v: statistics.median(m["seconds"]) for v, m in measured.items() if "seconds" in m}
     cpu = {v: statistics.median(m["cpu_seconds"]) for v, m in measured.items() if "seconds" in m}
 
@@ -283,28 +236,21 @@ def main() -> None:
             f"{peak:9.0f}"
         )
     ratio = wall["reference"] / wall["fastcal"] if {"reference", "fastcal"} <= set(wall) else None
-    if ratio is None:
-        print(f"target: fastcal >= {TARGET:.0f}x the reference: not measured (a variant did not finish)")
-    else:
-        verdict = "met" if ratio >= TARGET else "not met"
-        print(f"target: fastcal >= {TARGET:.0f}x the reference (wall clock): {ratio:.2f}x ({verdict})")
+    target = harness.Target(f"fastcal vs the reference, wall clock ({args.classes} classes)", ratio, TARGET)
+    targets = harness.report_targets({"fastcal_vs_reference": target})
 
     results = {
         "shape": {"model": MODEL, "classes": args.classes, "batch": BATCH, "n_ctx": N_CTX},
-        "threads": args.threads,
         "rounds": rounds,
-        "load_average": os.getloadavg(),
-        "machine": platform.processor() or platform.machine(),
         "variants": measured,
         "seconds": wall,
         "cpu_seconds": cpu,
         "ratio": None if ratio is None else {v: wall["reference"] / wall[v] for v in wall},
         "target": TARGET,
-        "met": None if ratio is None else ratio >= TARGET,
+        "met": target.met,
+        "targets": targets,
     }
-    path = RESULTS if args.classes == 100 else RESULTS.with_name(f"coop_step_{args.classes}.json")
-    write_json_atomic(path, results)
-    print(f"results in {path.relative_to(ROOT)}")
+    harness.write_results("coop_step" if args.classes == 100 else f"coop_step_{args.classes}", results, env)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ The text side is excluded on purpose: it is the same in both variants.
 
 Variants, per epoch: "re-encode" (encode_image on every batch, then the step), "cold cache" (compute
 and write the cache file, then the steps: the first epoch), "warm cache" (memory-map the file, then the
-steps: every later epoch). Time: median of --repeats after a warm-up, wall-clock and this process's CPU
-time (steadier when other processes share the cores); cold runs each use a fresh cache folder. Also
-printed: a whole CoOp run of --epochs epochs (default 50, CoOp's ImageNet schedule) as cold + (epochs -
-1) x warm vs epochs x re-encode, and the features' max abs diff (cached vs re-encoded).
+steps: every later epoch). Time: after a warm-up, --repeats rounds that run each variant once in turn;
+the median, wall-clock and this process's CPU time (steadier when other processes share the cores);
+cold runs each use a fresh cache folder. Also printed: a whole CoOp run of --epochs epochs (default 50,
+CoOp's ImageNet schedule) as cold + (epochs - 1) x warm vs epochs x re-encode, and the features' max
+abs diff (cached vs re-encoded).
 
     .venv/bin/python bench/feature_cache.py
     .venv/bin/python bench/feature_cache.py --quick
@@ -24,23 +25,17 @@ printed: a whole CoOp run of --epochs epochs (default 50, CoOp's ImageNet schedu
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
+import harness
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from fastcal._io import write_json_atomic
 from fastcal.models import load_clip, model_fingerprint
 from fastcal.models.cache import image_features
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "feature_cache.json"
 CLASSES = 10
 BATCH = 32
 
@@ -115,21 +110,6 @@ def epoch_cached(model, dataset, dim, key: str, cache_dir: Path) -> torch.Tensor
     return features
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def measure(fn, repeats: int) -> tuple[dict[str, float], object]:
-    """Median wall-clock and process-CPU seconds of ``fn()`` over ``repeats`` runs, and its output."""
-    samples: dict[str, list[float]] = {clock: [] for clock in CLOCKS}
-    out = None
-    for _ in range(repeats):
-        start = {clock: read() for clock, read in CLOCKS.items()}
-        out = fn()
-        for clock, read in CLOCKS.items():
-            samples[clock].append(read() - start[clock])
-    return {clock: statistics.median(values) for clock, values in samples.items()}, out
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -142,10 +122,8 @@ def main() -> int:
     args = parser.parse_args()
     n_images = args.images or (64 if args.quick else 320)
     repeats = args.repeats or (1 if args.quick else 3)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    env = harness.start(args.threads)
 
-    load_start = os.getloadavg()
     torch.manual_seed(0)
     model = load_clip("ViT-B-32").model
     for p in model.parameters():
@@ -158,18 +136,24 @@ def main() -> int:
         tmp = Path(tmp)
         with torch.no_grad():
             model.encode_image(torch.stack([dataset[i][0] for i in range(4)]))  # warm-up
-        reencode_s, reencoded = measure(lambda: epoch_reencode(model, dataset, dim), repeats)
+        epoch_cached(model, dataset, dim, key, tmp / "warm")  # writes the file the warm epochs read
         cold_runs = iter(range(repeats))
-        cold_s, _ = measure(
-            lambda: epoch_cached(model, dataset, dim, key, tmp / f"cold{next(cold_runs)}"), repeats
+        runs = harness.interleaved(
+            {
+                "reencode": lambda: epoch_reencode(model, dataset, dim),
+                "cold": lambda: epoch_cached(model, dataset, dim, key, tmp / f"cold{next(cold_runs)}"),
+                "warm": lambda: epoch_cached(model, dataset, dim, key, tmp / "warm"),
+            },
+            repeats,
+            warmup=0,
+            clocks=harness.WALL_AND_CPU,
         )
-        epoch_cached(model, dataset, dim, key, tmp / "warm")
-        warm_s, cached = measure(lambda: epoch_cached(model, dataset, dim, key, tmp / "warm"), repeats)
         file_bytes = sum(f.stat().st_size for f in (tmp / "warm").rglob("*.safetensors"))
 
-    diff = float((cached - reencoded).abs().max())
+    reencode_s, cold_s, warm_s = (runs[variant].median for variant in ("reencode", "cold", "warm"))
+    diff = float((runs["warm"].output - runs["reencode"].output).abs().max())
     setup = f"{n_images} images 224x224, {CLASSES} classes, batch {BATCH}, {repeats} repeats"
-    print(f"ViT-B-32 (random init), {setup}, load average {load_start[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"ViT-B-32 (random init), {setup}")
     timings = {}
     for clock, title in (("wall", "wall s"), ("cpu", "CPU s")):
         run_reencode = args.epochs * reencode_s[clock]
@@ -192,25 +176,19 @@ def main() -> int:
         for name, seconds, ratio in rows:
             print(f"{name:<28} {seconds:>10.3f} {ratio:>8.1f}x")
     print(f"\ncache file {file_bytes / 1e3:.1f} kB; max abs diff cached vs re-encoded features {diff:.2e}")
-    write_json_atomic(
-        RESULTS,
+    harness.write_results(
+        "feature_cache",
         {
-            "bench": "feature_cache",
             "quick": args.quick,
             "images": n_images,
             "repeats": repeats,
-            "threads": torch.get_num_threads(),
-            "load_average_start": load_start,
-            "load_average_end": os.getloadavg(),
-            "machine": platform.platform(),
-            "torch": torch.__version__,
             "epochs": args.epochs,
             "timings": timings,
             "cache_file_bytes": file_bytes,
             "max_abs_diff": diff,
         },
+        env,
     )
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
     return 0
 
 

@@ -6,7 +6,8 @@ student forward (both towers), contrastive loss, backward, AdamW; CaRot = the sa
 teacher's forward (no gradient) and the distillation loss. The teacher update (every 500 steps in CaRot)
 is kept out of the timed steps and timed on its own: ``torch._foreach_lerp_`` over all parameters
 (``fastcal.finetune.ema.ema_update_``) vs the per-tensor loop of the reference code (``mul_`` +
-``add_``). Median of repeats after a warm-up; results to bench/results/finetune_step.json.
+``add_``), the two in alternating rounds. Median of repeats after a warm-up; results to
+bench/results/finetune_step.json.
 
     .venv/bin/python bench/finetune_step.py              # batch 64, 3 repeats
     .venv/bin/python bench/finetune_step.py --quick      # batch 16, 1 repeat
@@ -16,16 +17,11 @@ is kept out of the timed steps and timed on its own: ``torch._foreach_lerp_`` ov
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
 import sys
-import time
-from pathlib import Path
 
+import harness
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "finetune_step.json"
 MODEL = "ViT-B-32"
 
 
@@ -59,15 +55,9 @@ def build(method: str, steps: int):
     return clip, Finetuner(trainer_method, config, total_steps=steps)
 
 
-def time_steps(finetuner, batch, repeats: int) -> list[float]:
-    finetuner.train_step(batch)  # warm-up (allocations, the first teacher update for CaRot)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        parts = finetuner.train_step(batch)
-        float(parts["loss"])
-        times.append(time.perf_counter() - start)
-    return times
+def time_steps(finetuner, batch, repeats: int) -> harness.Runs:
+    """A warm-up step (allocations, the first teacher update for CaRot), then ``repeats`` timed steps."""
+    return harness.repeated(lambda: float(finetuner.train_step(batch)["loss"]), repeats)
 
 
 def time_ema(model, repeats: int) -> dict[str, float]:
@@ -75,15 +65,14 @@ def time_ema(model, repeats: int) -> dict[str, float]:
 
     student = [p.detach() for p in model.parameters()]
     teacher = [p.clone() for p in student]
-    result = {}
-    for name, update in (("loop", ema_update_loop_), ("foreach", ema_update_)):
-        update(teacher, student, 0.9)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            update(teacher, student, 0.9)
-            times.append(time.perf_counter() - start)
-        result[name] = statistics.median(times)
+    runs = harness.interleaved(
+        {
+            "loop": lambda: ema_update_loop_(teacher, student, 0.9),
+            "foreach": lambda: ema_update_(teacher, student, 0.9),
+        },
+        repeats,
+    )
+    result = {name: run.median["wall"] for name, run in runs.items()}
     result["tensors"] = len(student)
     result["parameters"] = sum(t.numel() for t in student)
     return result
@@ -96,27 +85,24 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per method (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    env = harness.start(args.threads)
     batch_size = args.batch or (16 if args.quick else 64)
     repeats = args.repeats or (1 if args.quick else 3)
-
-    from fastcal._io import write_json_atomic
 
     rows = {}
     for method in ("flyp", "carot"):
         clip, finetuner = build(method, steps=repeats + 2)
         image_size = clip.model.visual.image_size[0]
         batch = make_batch(clip.tokenizer, batch_size, image_size)
-        times = time_steps(finetuner, batch, repeats)
-        rows[method] = {"median_s": statistics.median(times), "times_s": times}
+        runs = time_steps(finetuner, batch, repeats)
+        rows[method] = {"median_s": runs.median["wall"], "times_s": runs.seconds["wall"]}
         if method == "carot":
             ema = time_ema(clip.model, max(repeats, 3))
         del clip, finetuner
 
     overhead = rows["carot"]["median_s"] / rows["flyp"]["median_s"]
     ema_ratio = ema["loop"] / ema["foreach"]
-    print(f"{MODEL} random init, batch {batch_size}, {torch.get_num_threads()} threads, CPU")
+    print(f"{MODEL} random init, batch {batch_size}, CPU")
     print(f"{'step':<34} {'median s':>10}")
     print(f"{'FLYP (student fwd/bwd, AdamW)':<34} {rows['flyp']['median_s']:10.3f}")
     print(f"{'CaRot (+ teacher fwd, distill.)':<34} {rows['carot']['median_s']:10.3f}")
@@ -127,21 +113,19 @@ def main() -> int:
     print(f"{'loop (mul_ + add_, reference)':<34} {1e3 * ema['loop']:10.2f}")
     print(f"{'foreach (_foreach_lerp_)':<34} {1e3 * ema['foreach']:10.2f}")
     print(f"loop / foreach: {ema_ratio:.2f}x (issue: no numeric target)")
-    write_json_atomic(
-        RESULTS,
+    harness.write_results(
+        "finetune_step",
         {
             "model": MODEL,
             "batch": batch_size,
             "repeats": repeats,
-            "threads": torch.get_num_threads(),
-            "machine": platform.platform(),
             "steps": rows,
             "carot_over_flyp": overhead,
             "ema": ema,
             "ema_loop_over_foreach": ema_ratio,
         },
+        env,
     )
-    print(f"\nresults: {RESULTS.relative_to(ROOT)}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Bench: seed 000's calibrated loss, forward + backward on CPU: eager, torch.compile, native, recipe.
+"""Bench: TCPT's calibrated loss, forward + backward on CPU: eager, torch.compile, native, recipe.
 
 Variants, all on the same inputs (image features (B, D), tuned text (C, D) and the logit scale require
 grad; frozen text (C, D) does not), one step = loss + backward:
@@ -9,7 +9,7 @@ grad; frozen text (C, D) does not), one step = loss + backward:
 - native_mkl: the same with ``torch.backends.mkldnn`` off, so its products go through at::mm (MKL,
              what eager and compiled use) instead of oneDNN: the share of the speed-up that is the
              GEMM library's;
-- recipe:    seed 000's public step as its code runs it (TCPT trainers/coop.py): logits from the
+- recipe:    TCPT's public step as its code runs it (TCPT trainers/coop.py): logits from the
              model's forward, then separate eager calls for cross-entropy, ``margin_mean_var`` (clone,
              fill the targets with -inf, max) and ``text_moment_matching`` (two D x D covariances),
              summed as CE + margin + 5 * moment. Compared with one fused call (native).
@@ -18,7 +18,7 @@ Time: warm-up, then rounds that run every variant once in turn (so load on a sha
 alike); the median per variant. Peak memory: each variant runs in a fresh subprocess with glibc's mmap
 threshold at 64 KiB (so freed tensors go back to the kernel and RSS follows the live tensors); peak =
 VmHWM during one step minus VmRSS before it (high-water mark reset through /proc/self/clear_refs after
-the warm-up). Targets (issue 4, this CPU): native >= 1.5x eager and >= 1.0x compiled at (256, 1000, 512).
+the warm-up). Targets (this CPU): native >= 1.5x eager and >= 1.0x compiled at (256, 1000, 512).
 Results go to bench/results/losses.json.
 
     .venv/bin/python bench/losses.py              # 3 shapes, 30 rounds, memory of every variant
@@ -29,20 +29,12 @@ Results go to bench/results/losses.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
-from pathlib import Path
 
+import harness
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "losses.json"
 SHAPES = ((32, 100, 512), (256, 1000, 512), (64, 1000, 768))
 TARGET_SHAPE = (256, 1000, 512)
 TARGETS = {"eager": 1.5, "compiled": 1.0}
@@ -64,7 +56,7 @@ def make_inputs(b: int, c: int, d: int, seed: int = 0) -> dict:
     }
 
 
-# Seed 000's step as its public code runs it (functions named after TCPT's regularizers).
+# TCPT's step as its public code runs it (functions named after TCPT's regularizers).
 def margin_mean_var(logits: torch.Tensor, labels: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     rows = torch.arange(logits.shape[0])
     target = logits[rows, labels]
@@ -135,45 +127,26 @@ def make_step(variant: str, inputs: dict):
     return step
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def memory_child(variant: str, b: int, c: int, d: int) -> None:
-    step = make_step(variant, make_inputs(b, c, d))
+def memory_child(variant: str, shape: list[int]) -> dict:
+    """The peak memory of one step of ``variant``, in this (fresh) process, after three warm-up steps."""
+    step = make_step(variant, make_inputs(*shape))
     for _ in range(3):
         step()
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _status_kib("VmRSS")
-    step()
-    print(json.dumps({"peak_bytes": (_status_kib("VmHWM") - before) * 1024}))
+    peak, _ = harness.peak_memory(step)
+    return {"peak_bytes": peak}
 
 
-def measure_memory(variant: str, shape: tuple[int, int, int], threads: int) -> int | None:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    cmd = [sys.executable, __file__, "--memory-child", variant, *map(str, shape), "--threads", str(threads)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        print(f"  memory probe {variant} {shape} failed: {done.stderr.strip().splitlines()[-1:]}")
-        return None
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
+def measure_memory(variant: str, shape: tuple[int, int, int]) -> int | None:
+    memory = harness.in_subprocess(memory_child, variant=variant, shape=list(shape))
+    if "error" in memory:
+        print(f"  memory probe {variant} {shape} failed: {memory['error']}")
+    return memory.get("peak_bytes")
 
 
 def measure_times(shape: tuple[int, int, int], rounds: int) -> dict[str, float]:
     steps = {variant: make_step(variant, make_inputs(*shape)) for variant in VARIANTS}
-    for step in steps.values():
-        for _ in range(3):
-            step()
-    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-    for _ in range(rounds):
-        for variant, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[variant].append(time.perf_counter() - start)
-    return {variant: statistics.median(values) for variant, values in times.items()}
+    runs = harness.interleaved(steps, rounds, warmup=3)
+    return {variant: run.median["wall"] for variant, run in runs.items()}
 
 
 def check_agreement(shape: tuple[int, int, int]) -> float:
@@ -216,58 +189,40 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="5 rounds; memory at the target shape only")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    parser.add_argument("--memory-child", nargs=4, metavar=("VARIANT", "B", "C", "D"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.memory_child:
-        variant, *dims = args.memory_child
-        memory_child(variant, *map(int, dims))
-        return
+    env = harness.start(args.threads)
 
-    from fastcal._io import write_json_atomic
     from fastcal.ops import native_available
 
     if not native_available(warn=True):
         sys.exit("bench/losses.py: the native backend is not available (no C++ compiler?)")
     rounds = 5 if args.quick else args.rounds
-    threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} threads, {platform.processor() or platform.machine()}")
-    print(f"load average at start: {os.getloadavg()}")
     rows = []
     for shape in SHAPES:
         times = measure_times(shape, rounds)
         memory = {}
         if not args.quick or shape == TARGET_SHAPE:
-            memory = {variant: measure_memory(variant, shape, threads) for variant in MEMORY_VARIANTS}
+            memory = {variant: measure_memory(variant, shape) for variant in MEMORY_VARIANTS}
         rows.append(
             {"shape": shape, "seconds": times, "peak_bytes": memory, "max_rel_diff": check_agreement(shape)}
         )
 
     print_table(rows)
-    target = next(row for row in rows if row["shape"] == TARGET_SHAPE)
-    verdicts = {}
-    for baseline, wanted in TARGETS.items():
-        ratio = target["seconds"][baseline] / target["seconds"]["native"]
-        verdicts[baseline] = {"ratio": ratio, "target": wanted, "met": ratio >= wanted}
-        state = "met" if ratio >= wanted else "NOT met"
-        print(f"target native vs {baseline} at {TARGET_SHAPE}: {ratio:.3f}x (>= {wanted}x) {state}")
-        ratio_mkl = target["seconds"][baseline] / target["seconds"]["native_mkl"]
-        verdicts[baseline]["ratio_with_mkl_products"] = ratio_mkl
-        print(f"  (native with its products on MKL, as {baseline} has them: {ratio_mkl:.2f}x)")
-    print(f"load average at end: {os.getloadavg()}")
-    write_json_atomic(
-        RESULTS,
+    target = next(row for row in rows if row["shape"] == TARGET_SHAPE)["seconds"]
+    verdicts = harness.report_targets(
         {
-            "torch": torch.__version__,
-            "threads": threads,
-            "rounds": rounds,
-            "machine": platform.machine(),
-            "rows": [{**row, "shape": list(row["shape"])} for row in rows],
-            "targets": verdicts,
-        },
+            baseline: harness.Target(
+                f"native vs {baseline} at {TARGET_SHAPE}", target[baseline] / target["native"], wanted
+            )
+            for baseline, wanted in TARGETS.items()
+        }
     )
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    for baseline, verdict in verdicts.items():
+        ratio_mkl = target[baseline] / target["native_mkl"]
+        verdict["ratio_with_mkl_products"] = ratio_mkl
+        print(f"  (native with its products on MKL, as {baseline} has them: {ratio_mkl:.2f}x)")
+    rows = [{**row, "shape": list(row["shape"])} for row in rows]
+    harness.write_results("losses", {"rounds": rounds, "rows": rows, "targets": verdicts}, env)
 
 
 if __name__ == "__main__":

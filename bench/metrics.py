@@ -5,8 +5,9 @@ cycled, so generating data is not timed) and then compute their result. torchmet
 MulticlassCalibrationError keeps every sample's confidence and hit (O(N) "cat" states); the meter keeps
 3 * n_bins + 2 float64 sums (and computes ECE, MCE, l2, Brier, NLL, accuracy and mean confidence).
 
-Time: median over repeats after a warm-up, in this process. Peak memory: each variant runs the whole
-stream in a fresh subprocess; the peak is VmHWM after the stream minus VmRSS before it (the kernel's
+Time: a warm-up, then rounds that run each variant's whole stream once in turn; the median per variant,
+in this process. Peak memory: each variant runs the whole stream in a fresh subprocess (glibc's
+allocator left as it is); the peak is VmHWM after the stream minus VmRSS before it (the kernel's
 high-water mark is reset after the data pool is built, via /proc/self/clear_refs). Also reported: the
 bytes each metric object holds after the stream. Results go to bench/results/metrics.json.
 
@@ -18,21 +19,13 @@ bytes each metric object holds after the stream. Results go to bench/results/met
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
-from pathlib import Path
 
+import harness
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "metrics.json"
+VARIANTS = ("torchmetrics", "fastcal")
 POOL_CHUNKS = 8
-PEAK_RESOLUTION = 2**20  # bytes
 
 
 def make_pool(chunk: int, classes: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -73,59 +66,49 @@ def held_bytes(metric) -> int:
     return total
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def memory_child(args) -> None:
-    """Run one variant's stream in this (fresh) process and print its peak memory as JSON."""
-    pool = make_pool(args.chunk, args.classes)
-    metric = make_metric(args.memory_child, args.n_bins, args.classes, validate=not args.no_validate)
+def memory_child(variant: str, samples: int, chunk: int, classes: int, n_bins: int, validate: bool) -> dict:
+    """Run one variant's stream in this (fresh) process: its peak memory and the bytes it holds after."""
+    pool = make_pool(chunk, classes)
+    metric = make_metric(variant, n_bins, classes, validate)
     run_stream(metric, pool, 2)  # import-time and first-call allocations are not the metric's
     metric.reset()
-    Path("/proc/self/clear_refs").write_text("5")
-    baseline = _status_kib("VmRSS")
-    run_stream(metric, pool, args.samples // args.chunk)
-    peak = _status_kib("VmHWM")
-    print(json.dumps({"peak_bytes": (peak - baseline) * 1024, "held_bytes": held_bytes(metric)}))
+    peak, _ = harness.peak_memory(lambda: run_stream(metric, pool, samples // chunk))
+    return {"peak_bytes": peak, "held_bytes": held_bytes(metric)}
 
 
-def measure_memory(variant: str, args) -> dict:
-    command = [
-        sys.executable,
-        __file__,
-        "--memory-child",
-        variant,
-        "--samples",
-        str(args.samples),
-        "--chunk",
-        str(args.chunk),
-        "--classes",
-        str(args.classes),
-        "--n-bins",
-        str(args.n_bins),
-        "--threads",
-        str(args.threads),
-    ]
-    if args.no_validate:
-        command.append("--no-validate")
-    out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
-    return json.loads(out.strip().splitlines()[-1])
+def measure_memory(variant: str, args, validate: bool) -> dict:
+    memory = harness.in_subprocess(
+        memory_child,
+        release_freed=False,
+        variant=variant,
+        samples=args.samples,
+        chunk=args.chunk,
+        classes=args.classes,
+        n_bins=args.n_bins,
+        validate=validate,
+    )
+    if "error" in memory:
+        sys.exit(f"bench/metrics.py: memory of {variant}: {memory['error']}")
+    return memory
 
 
-def measure_time(variant: str, pool, args, validate: bool) -> tuple[float, float]:
+def measure_times(pool, args, validate: bool) -> dict[str, harness.Runs]:
+    """Every variant's whole stream (update + compute) once per round; the output is the ECE."""
     n_chunks = args.samples // args.chunk
-    run_stream(make_metric(variant, args.n_bins, args.classes, validate), pool, min(n_chunks, 5))  # warm-up
-    times, value = [], float("nan")
-    for _ in range(args.repeats):
-        metric = make_metric(variant, args.n_bins, args.classes, validate)
-        start = time.perf_counter()
-        value = run_stream(metric, pool, n_chunks)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), value
+    metrics = {variant: make_metric(variant, args.n_bins, args.classes, validate) for variant in VARIANTS}
+    for metric in metrics.values():
+        run_stream(metric, pool, min(n_chunks, 5))  # warm-up
+
+    def stream(metric):
+        def run():
+            metric.reset()
+            return run_stream(metric, pool, n_chunks)
+
+        return run
+
+    return harness.interleaved(
+        {variant: stream(metric) for variant, metric in metrics.items()}, args.repeats, warmup=0
+    )
 
 
 def main() -> None:
@@ -137,34 +120,23 @@ def main() -> None:
     parser.add_argument("--n-bins", type=int, default=15)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    parser.add_argument("--no-validate", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--memory-child", choices=("fastcal", "torchmetrics"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    if args.memory_child:
-        memory_child(args)
-        return
+    env = harness.start(args.threads)
     if args.quick:
         args.samples, args.repeats = 1_000_000, 1
-
-    from fastcal._io import write_json_atomic
 
     pool = make_pool(args.chunk, args.classes)
     rows = []
     for validate in (True, False):
-        args.no_validate = not validate
+        runs = measure_times(pool, args, validate)
         row = {"validate": validate}
-        for variant in ("torchmetrics", "fastcal"):
-            seconds, value = measure_time(variant, pool, args, validate)
-            memory = measure_memory(variant, args)
-            row[variant] = {"seconds": seconds, "ece": value, **memory}
+        for variant in VARIANTS:
+            memory = measure_memory(variant, args, validate)
+            row[variant] = {"seconds": runs[variant].median["wall"], "ece": runs[variant].output, **memory}
         row["time_ratio"] = row["torchmetrics"]["seconds"] / row["fastcal"]["seconds"]
-        # below a MiB, VmHWM - VmRSS is page-level noise (freed chunks reused), not a measurable peak:
-        # the ratio is then a lower bound
-        fastcal_peak = row["fastcal"]["peak_bytes"]
-        row["peak_memory_ratio"] = row["torchmetrics"]["peak_bytes"] / max(fastcal_peak, PEAK_RESOLUTION)
-        row["peak_memory_ratio_is_lower_bound"] = fastcal_peak < PEAK_RESOLUTION
+        row["peak_memory_ratio"], row["peak_memory_ratio_is_lower_bound"] = harness.peak_ratio(
+            row["torchmetrics"]["peak_bytes"], row["fastcal"]["peak_bytes"]
+        )
         row["held_memory_ratio"] = row["torchmetrics"]["held_bytes"] / row["fastcal"]["held_bytes"]
         row["ece_abs_diff"] = abs(row["torchmetrics"]["ece"] - row["fastcal"]["ece"])
         rows.append(row)
@@ -172,8 +144,7 @@ def main() -> None:
     mib = 1 / 2**20
     print(
         f"\nStreaming ECE: {args.samples:,} samples, C={args.classes}, chunks of {args.chunk:,}, "
-        f"{args.n_bins} bins, median of {args.repeats} (torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads)"
+        f"{args.n_bins} bins, median of {args.repeats}"
     )
     header = (
         f"{'validation':<11}{'torchmetrics s':>15}{'fastcal s':>11}{'ratio':>8}"
@@ -192,27 +163,21 @@ def main() -> None:
             f"{r['ece_abs_diff']:>10.1e}"
         )
     print(
-        "Targets: issue 3 sets no numeric target for this bench (it asks for time and peak memory); "
+        "Targets: no numeric target for this bench (it asks for time and peak memory); "
         "ratios are torchmetrics / fastcal."
     )
-
-    write_json_atomic(
-        RESULTS,
+    harness.write_results(
+        "metrics",
         {
-            "bench": "metrics",
             "samples": args.samples,
             "classes": args.classes,
             "chunk": args.chunk,
             "n_bins": args.n_bins,
             "repeats": args.repeats,
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "machine": platform.platform(),
-            "cpu_count": os.cpu_count(),
             "rows": rows,
         },
+        env,
     )
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ fastcal's way: ``fastcal.tpt.TPT``: views made in one batch with tensor operatio
 with the shared start token and context encoded once per context (``fastcal.methods.prefix``: 960 text
 positions per pass instead of 200 x 77), the step on static buffers (``TestTimeStep``).
 
-Measured (median of repeats after a warm-up): the latency of one sample for each (AugMix on, as on the
-fine-grained sets) and their ratio (target >= 5x on this CPU); the augmentation alone in views/s (AugMix on
-and off); and fastcal's throughput with ``--samples-per-step`` S in samples/s. Results go to
-bench/results/tpt.json.
+Measured (median of repeats after a warm-up, the compared variants in alternating rounds): the latency
+of one sample for each (AugMix on, as on the fine-grained sets) and their ratio (target >= 5x on this
+CPU); the augmentation alone in views/s (AugMix on and off); and fastcal's throughput with
+``--samples-per-step`` S in samples/s. Results go to bench/results/tpt.json.
 
     .venv/bin/python bench/tpt.py            # 3 repeats
     .venv/bin/python bench/tpt.py --quick    # 1 repeat, fewer samples-per-step settings
@@ -27,18 +27,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
-import statistics
 import sys
-import time
-from pathlib import Path
 
+import harness
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "tpt.json"
 N_VIEWS = 64
 N_CLASSES = 200
 TARGET_RATIO = 5.0
@@ -151,18 +146,6 @@ class ReferenceTPT:
             return self.logits(views[:1])
 
 
-# ---- timing -------------------------------------------------------------------------------------------
-def median_seconds(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
-
-
 def test_image(seed=0):
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, (47, 63, 3)).astype(np.uint8)
@@ -174,12 +157,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1 repeat, S in (1, 4)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    env = harness.start(args.threads)
     repeats = 1 if args.quick else 3
     sample_steps = (1, 4) if args.quick else (1, 4, 8)
 
-    from fastcal._io import write_json_atomic
     from fastcal.data.imagenet import imagenet_classnames
     from fastcal.models import load_clip
     from fastcal.tpt import TPT, TuningConfig, sample_generator
@@ -198,95 +179,87 @@ def main() -> int:
         rows[name] = {"seconds": seconds, f"{unit}s_per_second": unit_count / seconds}
         print(f"  {name:<46} {seconds * 1000:10.1f} ms   {unit_count / seconds:10.3g} {unit}s/s", flush=True)
 
-    print(
-        f"TPT bench: {N_VIEWS} views, {N_CLASSES} classes, random-init ViT-B-32, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
-    )
+    def make_tpt(samples_per_step):
+        config = TuningConfig(n_views=N_VIEWS)
+        return TPT(
+            model, clip.tokenizer, classnames, config=config, augmix=True, samples_per_step=samples_per_step
+        )
+
+    print(f"TPT bench: {N_VIEWS} views, {N_CLASSES} classes, random-init ViT-B-32")
     print("augmentation alone (one image, 64 views):")
     rng = np.random.RandomState(0)
+    decoded = decode(image)
     for augmix in (True, False):
         tag = "augmix" if augmix else "crop+flip"
-        seconds, _ = median_seconds(
-            lambda a=augmix: reference_views(image, size, mean, std, augmix=a, rng=rng), repeats
-        )
-        report(f"reference PIL views ({tag})", seconds, N_VIEWS, "view")
         augmenter = ViewAugmenter(size, mean, std, n_views=N_VIEWS, augmix=augmix)
-        decoded = decode(image)
-        seconds, _ = median_seconds(lambda a=augmenter, d=decoded: a(d, sample_generator(0, 0)), repeats)
-        report(f"fastcal batched views ({tag})", seconds, N_VIEWS, "view")
-    aug = {k: v for k, v in rows.items()}
+        runs = harness.interleaved(
+            {
+                f"reference PIL views ({tag})": lambda a=augmix: reference_views(
+                    image, size, mean, std, augmix=a, rng=rng
+                ),
+                f"fastcal batched views ({tag})": lambda a=augmenter: a(decoded, sample_generator(0, 0)),
+            },
+            repeats,
+        )
+        for name, run in runs.items():
+            report(name, run.median["wall"], N_VIEWS, "view")
+    aug = dict(rows)
 
     print("one test sample, end to end (AugMix on):")
     reference = ReferenceTPT(model, clip.tokenizer, classnames)
-
-    def reference_sample():
-        return reference(reference_views(image, size, mean, std, augmix=True, rng=rng))
-
-    ref_seconds, ref_times = median_seconds(reference_sample, repeats)
-    report("reference (PIL views, 77 tokens, eager)", ref_seconds)
-    tpt = TPT(
-        model,
-        clip.tokenizer,
-        classnames,
-        config=TuningConfig(n_views=N_VIEWS),
-        augmix=True,
-        samples_per_step=1,
+    tpt = make_tpt(1)
+    end_to_end = harness.interleaved(
+        {
+            "reference": lambda: reference(reference_views(image, size, mean, std, augmix=True, rng=rng)),
+            "fastcal": lambda: tpt([image], [sample_generator(0, 0)]),
+        },
+        repeats,
     )
-    fast_seconds, fast_times = median_seconds(lambda: tpt([image], [sample_generator(0, 0)]), repeats)
+    ref_seconds, fast_seconds = (end_to_end[side].median["wall"] for side in ("reference", "fastcal"))
+    report("reference (PIL views, 77 tokens, eager)", ref_seconds)
     report("fastcal (batched views, truncated text, step)", fast_seconds)
     ratio = ref_seconds / fast_seconds
     longest = int(tpt.learner.token_ids.shape[1])
     token_rows = tpt.packed.token_rows if tpt.packed is not None else N_CLASSES * longest
     print(
-        f"  ratio reference / fastcal: {ratio:.2f}x (target >= {TARGET_RATIO:.0f}x: "
-        f"{'met' if ratio >= TARGET_RATIO else 'not met'}); text positions per pass: "
+        f"  ratio reference / fastcal: {ratio:.2f}x; text positions per pass: "
         f"{token_rows} packed (prompts <= {longest} tokens) vs {N_CLASSES * 77} in the reference"
     )
 
     print("fastcal throughput with --samples-per-step S:")
-    throughput = {}
+    steps = {}
     for s in sample_steps:
-        batched = TPT(
-            model,
-            clip.tokenizer,
-            classnames,
-            config=TuningConfig(n_views=N_VIEWS),
-            augmix=True,
-            samples_per_step=s,
-        )
-        images = [test_image(seed) for seed in range(s)]
-        seconds, _ = median_seconds(
-            lambda b=batched, im=images: b(im, [sample_generator(0, i) for i in range(len(im))]), repeats
-        )
-        throughput[str(s)] = s / seconds
-        report(f"S = {s}", seconds, s)
+        batched, images = make_tpt(s), [test_image(seed) for seed in range(s)]
+        steps[s] = lambda b=batched, im=images: b(im, [sample_generator(0, i) for i in range(len(im))])
+    throughput = {}
+    for s, run in harness.interleaved(steps, repeats).items():
+        throughput[str(s)] = s / run.median["wall"]
+        report(f"S = {s}", run.median["wall"], s)
+    target = harness.Target("reference / fastcal, one sample (wall)", ratio, TARGET_RATIO)
+    targets = harness.report_targets({"reference_over_fastcal": target})
 
-    write_json_atomic(
-        RESULTS,
+    harness.write_results(
+        "tpt",
         {
-            "bench": "tpt",
             "quick": args.quick,
             "n_views": N_VIEWS,
             "n_classes": N_CLASSES,
             "model": "ViT-B-32 (random init)",
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "machine": platform.machine(),
-            "python": sys.version.split()[0],
             "augmentation": aug,
             "reference_seconds": ref_seconds,
-            "reference_times": ref_times,
+            "reference_times": end_to_end["reference"].seconds["wall"],
             "fastcal_seconds": fast_seconds,
-            "fastcal_times": fast_times,
+            "fastcal_times": end_to_end["fastcal"].seconds["wall"],
             "ratio": ratio,
             "target_ratio": TARGET_RATIO,
-            "target_met": ratio >= TARGET_RATIO,
+            "target_met": target.met,
+            "targets": targets,
             "prompt_tokens": longest,
             "text_positions_per_pass": {"fastcal": token_rows, "reference": N_CLASSES * 77},
             "samples_per_second_by_samples_per_step": throughput,
         },
+        env,
     )
-    print(f"results: {RESULTS}")
     return 0
 
 

@@ -1,4 +1,4 @@
-// Native CPU backend of fastcal's calibrated prompt loss (seed 000, TCPT): forward and backward fused
+// Native CPU backend of fastcal's calibrated prompt loss (TCPT): forward and backward fused
 // around the GEMMs, ATen for the matrix products (MKL / oneDNN), OpenMP over rows for the rest.
 //
 // Notation (all rows L2-normalized inside): f (B, D) image, t (C, D) tuned text, t0 (C, D) frozen text,

@@ -17,7 +17,9 @@ class (``fastcal.calibrate``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from typing import Any
 
 from fastcal._checks import fail
@@ -62,6 +64,7 @@ BUILTIN: dict[str, dict[str, Any]] = {
 }
 
 _entries: dict[str, dict[str, Any]] = {kind: dict(entries) for kind, entries in BUILTIN.items()}
+_ABSENT = object()
 
 
 def _check_kind(kind: str) -> dict[str, Any]:
@@ -84,6 +87,21 @@ def register(kind: str, name: str, spec: Any) -> None:
 def unregister(kind: str, name: str) -> None:
     """Remove the entry ``name`` of ``kind`` (a no-op when there is none)."""
     _check_kind(kind).pop(name, None)
+
+
+@contextlib.contextmanager
+def registered(kind: str, name: str, spec: Any) -> Iterator[None]:
+    """``register`` for the body only: the entry that was there before (or none) is back afterwards."""
+    entries = _check_kind(kind)
+    previous = entries.get(name, _ABSENT)
+    register(kind, name, spec)
+    try:
+        yield
+    finally:
+        if previous is _ABSENT:
+            entries.pop(name, None)
+        else:
+            entries[name] = previous
 
 
 def names(kind: str) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""Triton kernels of the calibrated prompt loss (seed 000, TCPT): math only; launchers in fastcal.ops.
+"""Triton kernels of the calibrated prompt loss (TCPT): math only; launchers in fastcal.ops.
 
 Notation (``fastcal.ops.reference`` has the loss): f (B, D) image, t (C, D) tuned text, t0 (C, D) frozen
 text, rows L2-normalized; G = f t^T the cosines (a GEMM outside these kernels); z = s G the logits.

@@ -54,3 +54,17 @@ def testbed_cache(testbed_clip, cache_dir):
     target.parent.mkdir(parents=True, exist_ok=True)
     target.symlink_to(cached_testbed_path(cache_dir=_USER_TESTBED_CACHE))
     return cache_dir
+
+
+@pytest.fixture(scope="session")
+def random_testbed():
+    """``(model, tokenizer)``: the testbed architecture, randomly initialized (seed 0), frozen."""
+    import open_clip
+
+    from fastcal.models.testbed import TESTBED_MODEL, build_testbed_model, register_testbed_config
+
+    register_testbed_config()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_testbed_model().eval().requires_grad_(False)
+    return model, open_clip.get_tokenizer(TESTBED_MODEL)

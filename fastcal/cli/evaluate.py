@@ -20,7 +20,7 @@ from fastcal.cli import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastcal.train.transfer import GROUP_CHOICES
+    from fastcal.runs.train.transfer import GROUP_CHOICES
 
     parser.add_argument(
         "--run",
@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def target_names(spec: str | None, trained_on: str | None) -> list[str]:
     """Dataset names of ``--targets`` (``cross``, ``domain``, a list; default: the training dataset)."""
     from fastcal.data.protocols import CROSS_DATASET_TARGETS, DOMAIN_GENERALIZATION_TARGETS
-    from fastcal.train.transfer import TESTBED_TARGETS
+    from fastcal.runs.train.transfer import TESTBED_TARGETS
 
     if spec is None:
         return list(TESTBED_TARGETS) if trained_on is None else [trained_on]
@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
     from fastcal.data import DATASETS, load_dataset
     from fastcal.metrics.functional import MAX_BINS
     from fastcal.runs.folder import RunFolder, check_output_path
-    from fastcal.train.loop import prompt_metadata
-    from fastcal.train.transfer import TESTBED_TARGETS, evaluate_saved_prompt, testbed_target
+    from fastcal.runs.train.loop import prompt_metadata
+    from fastcal.runs.train.transfer import TESTBED_TARGETS, evaluate_saved_prompt, testbed_target
 
     check_int("--n-bins", args.n_bins, minimum=1, maximum=MAX_BINS)
     check_int("--batch-size", args.batch_size, minimum=1)

@@ -1,7 +1,9 @@
 """Calibration report of a file of predictions, printed as JSON.
 
 PRED_FILE is a .npz or .pt file holding `labels` (N,) integers and either `logits` (N, C) or `probs`
-(N, C) rows of probabilities (logits win when both are present). The report has accuracy, ece, mce,
+(N, C) rows of probabilities (logits win when both are present), such as a run's
+predictions/<group>.npz; logits are divided by the file's `temperature` when it has one (so a run's
+saved predictions give the report of its results.json). The report has accuracy, ece, mce,
 l2, l2_debiased, ace, classwise_ece, smooth_ece, brier, nll and mean confidence (top-label, uniform
 (lo, hi] bins unless named otherwise), the bin count, and percentile bootstrap intervals.
 
@@ -95,16 +97,26 @@ def load_predictions(path: str | Path, name: str = "PRED_FILE"):
             scores.shape[1],
         )
     check_labels(f"{name}['labels']", labels, scores.shape[0], scores.shape[1])
-    return scores, labels, kind
+    temperature = 1.0
+    if kind == "logits" and "temperature" in data:
+        value = np.asarray(data["temperature"])
+        if value.shape != () or not np.issubdtype(value.dtype, np.number) or not float(value) > 0:
+            raise fail(f"{name}['temperature']", "a positive number", repr(value)[:80])
+        temperature = float(value)
+    return scores, labels, kind, temperature
 
 
 def _to_probs(scores, kind: str):
+    """Probabilities: the rows themselves, or the softmax of logits in their own precision (half
+    precision upcast), as a run computed them."""
     import torch
 
     from fastcal._checks import check_tensor
 
     check_tensor(kind, scores, ndim=2, floating=True)
-    return torch.softmax(scores.double(), dim=1) if kind == "logits" else scores
+    if kind == "probs":
+        return scores
+    return torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=1)
 
 
 def _to_logits(scores, kind: str):
@@ -171,10 +183,14 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             check_output_file(value, option)
 
-    scores, labels, kind = load_predictions(args.pred_file)
+    scores, labels, kind, file_temperature = load_predictions(args.pred_file)
+    if file_temperature != 1.0:  # a run's saved predictions: report them as the run did
+        scores = scores / file_temperature
     calibration = None
     if args.temperature_from:
-        calib_scores, calib_labels, calib_kind = load_predictions(args.temperature_from, "--temperature-from")
+        calib_scores, calib_labels, calib_kind, _ = load_predictions(
+            args.temperature_from, "--temperature-from"
+        )
         check_tensor("--temperature-from", calib_scores, ndim=2, floating=True)
         calibration = (_to_logits(calib_scores, calib_kind), calib_labels, calib_kind)
     probs = _to_probs(scores, kind)
@@ -187,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
         "count": len(labels),
         "num_classes": probs.shape[1],
         "n_bins": args.n_bins,
+        "temperature": file_temperature,
     }
     report.update(_evaluate(probs, labels, args, progress))
     if args.plot:

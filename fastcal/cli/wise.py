@@ -39,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
     from fastcal._checks import check_device, check_int, check_number
     from fastcal.finetune.distributed import init_distributed
-    from fastcal.finetune.experiment import run_wise
     from fastcal.finetune.wise import parse_alphas
+    from fastcal.runs.finetune import run_wise
     from fastcal.runs.folder import check_output_path, check_run_rules
 
     alphas = parse_alphas(args.alpha)

@@ -1,4 +1,4 @@
-"""Calibrated robust fine-tuning of CLIP (seed 004): FT, FLYP, label smoothing, WiSE-FT and CaRot.
+"""Calibrated robust fine-tuning of CLIP: FT, FLYP, label smoothing, WiSE-FT and CaRot.
 
 - ``fastcal.finetune.flyp``: FLYP's contrastive loss over (image, caption) pairs on open_clip's
   ``ClipLoss`` (optionally label-smoothed), per-step caption draws.
@@ -10,8 +10,11 @@
 - ``fastcal.finetune.distributed``: torchrun / DDP with features gathered across ranks, AMP, gradient
   checkpointing.
 - ``fastcal.finetune.trainer``: the loop (AdamW, warm-up + cosine, exact resume from safetensors).
-- ``fastcal.finetune.evaluate``, ``fastcal.finetune.experiment``: ID / OOD evaluation and whole runs.
-- ``fastcal.finetune.config``: the published hyperparameters, with sources.
+- ``fastcal.finetune.evaluate``: ID / OOD evaluation with and without temperature scaling.
+- ``fastcal.finetune.config``: the hyperparameters (``FinetuneConfig``) and the methods' specs, with
+  their published recipes and sources (each method's ``SPEC``, in ``fastcal.registry``).
+
+Whole runs (data, run folder, checkpoints, results) are ``fastcal.runs.finetune``.
 """
 
 from fastcal.finetune.carot import (

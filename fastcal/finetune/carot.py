@@ -34,6 +34,7 @@ Optional terms of the reference code, off by default (its script uses 0.05 and 0
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -42,6 +43,7 @@ from open_clip.loss import ClipLoss
 from torch import nn
 
 from fastcal._checks import check_int, check_number, check_tensor, fail
+from fastcal.finetune.config import TESTBED_SCHEDULE, FinetuneConfig, FinetuneSpec
 from fastcal.finetune.ema import EmaModel
 from fastcal.finetune.flyp import ClipFeatures, FlypMethod
 
@@ -225,3 +227,41 @@ class CarotMethod(FlypMethod):
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
         state = {k.removeprefix("teacher."): v for k, v in tensors.items() if k.startswith("teacher.")}
         self.teacher.module.load_state_dict(state)
+
+
+def build(
+    config: FinetuneConfig,
+    model: nn.Module,
+    tokenizer: Any,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    cache_dir: Any = None,
+) -> CarotMethod:
+    """CaRot on ``model``: FLYP plus the EMA teacher's distillation, with ``config``'s weights."""
+    return CarotMethod(
+        model,
+        label_smoothing=config.label_smoothing,
+        distill_weight=config.distill_weight,
+        teacher_update_every=config.teacher_update_every,
+        momentum_start=config.momentum_start,
+        momentum_end=config.momentum_end,
+        momentum_warmup_fraction=config.momentum_warmup_fraction,
+        cross_modal_weight=config.cross_modal_weight,
+        orthogonality_weight=config.orthogonality_weight,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+SPEC = FinetuneSpec(
+    name="carot",
+    title="CaRot",
+    build=build,
+    published=FinetuneConfig(method="carot"),
+    testbed=FinetuneConfig(method="carot", learning_rate=1e-4, **TESTBED_SCHEDULE),
+    source="CaRot supp. A.1: FLYP recipe + lambda 0.75, EMA every 500 steps, momentum 0.05 -> 0.9 over "
+    "the first 20% of steps (MLAI-Yonsei/CaRot src/models/carot_loss.py, src/args.py)",
+)

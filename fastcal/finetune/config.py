@@ -18,22 +18,23 @@ batch 64 (about four epochs of the 449 base-class training images) at a larger l
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from fastcal import registry
 from fastcal._checks import check_choice, check_int, check_number, fail
 
-METHODS = ("ft", "flyp", "carot")
 PRECISIONS = ("fp32", "bf16", "fp16")
-
-PUBLISHED_SOURCES: dict[str, str] = {
-    "ft": "CaRot supp. A.1 (AdamW lr 3e-5, wd 0.1, batch 512, 10 epochs); grad-norm clip 1.0 and the "
-    "zero-shot head init from MLAI-Yonsei/CaRot src/models/ft_loss.py, src/models/zeroshot.py",
-    "flyp": "FLYP (Goyal et al., CVPR 2023) as run in CaRot supp. A.1: AdamW lr 1e-5, wd 0.1, batch 512, "
-    "10 epochs, 500 warm-up steps (MLAI-Yonsei/CaRot src/args.py, example_scripts/flyp.sh)",
-    "carot": "CaRot supp. A.1: FLYP recipe + lambda 0.75, EMA every 500 steps, momentum 0.05 -> 0.9 over "
-    "the first 20% of steps (MLAI-Yonsei/CaRot src/models/carot_loss.py, src/args.py)",
+# The testbed's short schedule (module docstring), common to every method.
+TESTBED_SCHEDULE = {
+    "batch_size": 64,
+    "epochs": 10,
+    "max_steps": 30,
+    "warmup_steps": 3,
+    "teacher_update_every": 4,
 }
+
 PUBLISHED_MODEL = ("ViT-B-16", "openai")
 WISE_ALPHA = 0.5  # CaRot's table: "the ensemble coefficient of WiSE-FT is simply set as 0.5"
 ECE_BINS = 10  # CaRot reports ECE with 10 bins, following LeVine et al. 2023
@@ -93,7 +94,7 @@ class FinetuneConfig:
     grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        check_choice("method", self.method, METHODS)
+        check_choice("method", self.method, registry.names("finetune_method"))
         check_choice("precision", self.precision, PRECISIONS)
         check_number("learning_rate", self.learning_rate, minimum=0.0, strict_minimum=True)
         check_number("weight_decay", self.weight_decay, minimum=0.0)
@@ -143,24 +144,33 @@ class FinetuneConfig:
         return cls(**values)
 
 
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """A fine-tuning method as runs choose it by name (``fastcal.registry`` kind ``"finetune_method"``).
+
+    Attributes:
+        name: the ``--method`` name.
+        title: how tables name it.
+        build: ``build(config, model, tokenizer, classnames, templates, *, rank, world_size, cache_dir)
+            -> method`` (what ``Finetuner`` trains: ``trainable``, ``loss``, ``after_step``, ...).
+        published: the published recipe.
+        testbed: the embedded testbed's short schedule.
+        source: where the recipe comes from.
+    """
+
+    name: str
+    title: str
+    build: Callable[..., Any]
+    published: FinetuneConfig
+    testbed: FinetuneConfig
+    source: str
+
+
 def published_config(method: str) -> FinetuneConfig:
-    """The published recipe of ``method`` (module docstring; sources in ``PUBLISHED_SOURCES``)."""
-    check_choice("method", method, METHODS)
-    if method == "ft":
-        return FinetuneConfig(method="ft", learning_rate=3e-5, grad_clip_norm=1.0)
-    return FinetuneConfig(method=method)
+    """The published recipe of ``method`` (``FinetuneSpec.published``)."""
+    return registry.get("finetune_method", method, argument="method").published
 
 
 def testbed_config(method: str) -> FinetuneConfig:
     """A short schedule for the embedded digits testbed (seconds on a CPU)."""
-    check_choice("method", method, METHODS)
-    common = {
-        "batch_size": 64,
-        "epochs": 10,
-        "max_steps": 30,
-        "warmup_steps": 3,
-        "teacher_update_every": 4,
-    }
-    if method == "ft":
-        return FinetuneConfig(method="ft", learning_rate=3e-4, grad_clip_norm=1.0, **common)
-    return FinetuneConfig(method=method, learning_rate=1e-4, **common)
+    return registry.get("finetune_method", method, argument="method").testbed

@@ -6,7 +6,7 @@ A classifier maps images to logits ``W normalize(f_I(x)) + b``: for FLYP, CaRot 
 ensemble computed by the (fine-tuned) text tower (MLAI-Yonsei/CaRot ``get_zeroshot_classifier``), for
 FT the rows of the trained head that belong to the evaluated classes (``fastcal.finetune.ft.class_rows``).
 
-Each dataset's entry is ``fastcal.metrics.calibration_report`` of ``softmax(logits)`` with 10 equal-width
+Each dataset's entry is ``fastcal.metrics.calibration_summary`` of ``softmax(logits)`` with 10 equal-width
 bins (CaRot's convention) plus ``temperature`` and ``temperature_scaled`` (the same report of
 ``softmax(logits / T)``), where ``T`` is fitted once by ``fastcal.calibrate.fit_temperature`` (NLL) on
 held-out ID images and applied to every dataset. ``"ood"`` also holds ``"mean"``, the unweighted mean
@@ -170,13 +170,13 @@ def predict_logits(
 def calibration_entry(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float, *, n_bins: int = ECE_BINS
 ) -> dict[str, Any]:
-    """``calibration_report`` of ``softmax(logits)``, plus ``temperature`` and ``temperature_scaled``."""
-    from fastcal.metrics import calibration_report
+    """``calibration_summary`` of ``softmax(logits)``, plus ``temperature`` and ``temperature_scaled``."""
+    from fastcal.metrics import calibration_summary
 
     logits = logits.double()
-    entry: dict[str, Any] = calibration_report(torch.softmax(logits, dim=1), labels, n_bins=n_bins)
+    entry: dict[str, Any] = calibration_summary(torch.softmax(logits, dim=1), labels, n_bins=n_bins)
     entry["temperature"] = float(temperature)
-    entry["temperature_scaled"] = calibration_report(
+    entry["temperature_scaled"] = calibration_summary(
         torch.softmax(logits / temperature, dim=1), labels, n_bins=n_bins
     )
     return entry
@@ -201,6 +201,8 @@ def mean_entry(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 FigureHook = Callable[[str, torch.Tensor, torch.Tensor, float], None]
+# (set, logits as scored, labels): what a run keeps of each evaluated set
+PredictionsHook = Callable[[EvalSet, torch.Tensor, torch.Tensor], None]
 
 
 def evaluate(
@@ -213,6 +215,7 @@ def evaluate(
     context: DistributedContext | None = None,
     n_bins: int = ECE_BINS,
     figure: FigureHook | None = None,
+    predictions: PredictionsHook | None = None,
     batch_size: int = 256,
     num_workers: int = 0,
     precision: str = "fp32",
@@ -227,6 +230,7 @@ def evaluate(
         transform: the eval transform.
         figure: called on rank 0 as ``figure(set name, logits, labels, temperature)`` for the test set
             and each OOD set (e.g. ``diagram_writer``).
+        predictions: called on rank 0 as ``predictions(set, logits, labels)`` for the same sets.
     """
     from fastcal.calibrate import fit_temperature
 
@@ -247,6 +251,8 @@ def evaluate(
         logits, labels = predict_logits(classifier, eval_set, transform, **kwargs)
         if figure is not None and context.is_main:
             figure(eval_set.name, logits, labels, temperature)
+        if predictions is not None and context.is_main:
+            predictions(eval_set, logits, labels)
         return calibration_entry(logits, labels, temperature, n_bins=n_bins)
 
     results: dict[str, Any] = {"id": entry(test, id_classifier), "ood": {}}

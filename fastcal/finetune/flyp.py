@@ -32,6 +32,7 @@ from torch import nn
 
 from fastcal._checks import check_int, check_number, fail
 from fastcal.data.items import prompt_classname
+from fastcal.finetune.config import TESTBED_SCHEDULE, FinetuneConfig, FinetuneSpec
 from fastcal.models.text_encoder import TextEncoder
 
 
@@ -168,3 +169,29 @@ class FlypMethod:
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of ``extra_state``."""
+
+
+def build(
+    config: FinetuneConfig,
+    model: nn.Module,
+    tokenizer: Any,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    cache_dir: Any = None,
+) -> FlypMethod:
+    """FLYP on ``model`` (both towers train; captions come from the training data)."""
+    return FlypMethod(model, label_smoothing=config.label_smoothing, rank=rank, world_size=world_size)
+
+
+SPEC = FinetuneSpec(
+    name="flyp",
+    title="FLYP",
+    build=build,
+    published=FinetuneConfig(method="flyp"),
+    testbed=FinetuneConfig(method="flyp", learning_rate=1e-4, **TESTBED_SCHEDULE),
+    source="FLYP (Goyal et al., CVPR 2023) as run in CaRot supp. A.1: AdamW lr 1e-5, wd 0.1, batch 512, "
+    "10 epochs, 500 warm-up steps (MLAI-Yonsei/CaRot src/args.py, example_scripts/flyp.sh)",
+)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcal._checks import check_number, check_tensor, fail
+from fastcal.finetune.config import TESTBED_SCHEDULE, FinetuneConfig, FinetuneSpec
 
 
 class ImageClassifier(nn.Module):
@@ -110,3 +111,32 @@ class FtMethod:
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """FT keeps no state besides the trainable module."""
+
+
+def build(
+    config: FinetuneConfig,
+    model: nn.Module,
+    tokenizer: Any,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    cache_dir: Any = None,
+) -> FtMethod:
+    """FT on ``model``: the head starts as the zero-shot classifier of the prompt ensemble."""
+    from fastcal.models.cache import class_text_features
+
+    features = class_text_features(model, tokenizer, list(classnames), list(templates), cache_dir=cache_dir)
+    return FtMethod(model, features, label_smoothing=config.label_smoothing)
+
+
+SPEC = FinetuneSpec(
+    name="ft",
+    title="FT",
+    build=build,
+    published=FinetuneConfig(method="ft", learning_rate=3e-5, grad_clip_norm=1.0),
+    testbed=FinetuneConfig(method="ft", learning_rate=3e-4, grad_clip_norm=1.0, **TESTBED_SCHEDULE),
+    source="CaRot supp. A.1 (AdamW lr 3e-5, wd 0.1, batch 512, 10 epochs); grad-norm clip 1.0 and the "
+    "zero-shot head init from MLAI-Yonsei/CaRot src/models/ft_loss.py, src/models/zeroshot.py",
+)

@@ -1,6 +1,6 @@
 """fastcal.losses: drop-in calibration losses for prompt tuning (functional forms in ``.functional``).
 
-- ``CalibratedPromptLoss`` / ``calibrated_prompt_loss``: seed 000 (TCPT), CE + mean-variance margin
+- ``CalibratedPromptLoss`` / ``calibrated_prompt_loss``: TCPT, CE + mean-variance margin
   penalty + text moment matching, fused on the torch / triton / native backends of ``fastcal.ops``.
 - ``KgCoOpLoss`` / ``kgcoop_loss`` (KgCoOp), ``TextDispersion`` / ``text_dispersion`` and
   ``DispersionLoss`` / ``dispersion_loss`` (C-TPT's ATFD and its negative), ``OutlierDriftLoss`` /

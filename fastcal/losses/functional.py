@@ -6,7 +6,7 @@ requires a gradient. Checks that read tensor values (finiteness, label range, ze
 scale) are skipped while a CUDA graph is being captured, where they would synchronize with the host,
 and inside ``with value_checks(False):`` (a training loop's hot path).
 
-- ``calibrated_prompt_loss``: seed 000 (TCPT), fused on three backends (``fastcal.ops``).
+- ``calibrated_prompt_loss``: TCPT, fused on three backends (``fastcal.ops``).
 - ``kgcoop_loss``, ``text_dispersion`` / ``dispersion_loss``, ``outlier_drift_loss``,
   ``label_smoothed_cross_entropy``, ``marginal_entropy``: torch only; each is a handful of element-wise
   ops or reductions over small (C, D) or (V, C) inputs that autograd already handles in a few kernels,
@@ -151,7 +151,7 @@ def calibrated_prompt_loss(
     backend: str = "auto",
     return_parts: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Seed 000's calibrated prompt-tuning loss: CE + mean-variance margin + text moment matching.
+    """TCPT's calibrated prompt-tuning loss: CE + mean-variance margin + text moment matching.
 
     TCPT ("Towards Calibrating Prompt Tuning of Vision-Language Models", CVPR 2026; code
     ashshaksharifdeen/TCPT, ``trainers/regularizers.py``: ``margin_mean_var``, ``text_moment_matching``).
@@ -278,7 +278,7 @@ def dispersion_loss(text_features: torch.Tensor, *, reduction: str = "mean") -> 
 def outlier_drift_loss(
     tuned_outlier_features: torch.Tensor, frozen_outlier_features: torch.Tensor, *, reduction: str = "mean"
 ) -> torch.Tensor:
-    """DOR's drift term (seed 001): 1 - mean_b cos(tuned_b, frozen_b) for outlier text features.
+    """DOR's drift term: 1 - mean_b cos(tuned_b, frozen_b) for outlier text features.
 
     The tuned prompt's features of outlier class names should stay where the frozen model put them.
     reduction: "mean" (1 - mean cos), "sum" (sum of 1 - cos) or "none" (1 - cos per row).

@@ -11,7 +11,7 @@ from fastcal.ops import BACKENDS, REDUCTIONS
 
 
 class CalibratedPromptLoss(nn.Module):
-    """Seed 000's calibrated loss, CE + R_margin + moment_weight * M (see ``calibrated_prompt_loss``).
+    """TCPT's calibrated loss, CE + R_margin + moment_weight * M (see ``calibrated_prompt_loss``).
 
     ``loss = CalibratedPromptLoss()(image_features, text_features, labels, logit_scale, frozen)``, or with
     ``return_parts=True`` ``(loss, {"ce", "margin", "moment"})``.

@@ -15,13 +15,13 @@ method is built; only the method's own parameters train, and only they are saved
 (``tuned_state_dict``).
 
 ``MethodSpec`` ties a method's name to its builder, its published base-to-new recipe (config values with
-the source they were read from) and the regularizers it always adds (KgCoOp's knowledge guidance).
-``get_method(name)`` imports the method's module on demand.
+the source they were read from) and the regularizers it always adds (KgCoOp's knowledge guidance); it is
+registered in ``fastcal.registry`` (kind ``"prompt_method"``), and ``get_method(name)`` imports the
+method's module on demand.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -30,18 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastcal import registry
 from fastcal._checks import check_choice, check_tensor, fail
 
 INPUT_KINDS = ("features", "images")
-
-# name -> module defining SPEC; a method registers by adding one line here.
-METHOD_MODULES: dict[str, str] = {
-    "coop": "fastcal.methods.coop",
-    "cocoop": "fastcal.methods.cocoop",
-    "kgcoop": "fastcal.methods.kgcoop",
-    "maple": "fastcal.methods.maple",
-    "vpt": "fastcal.methods.vpt",
-}
 
 
 class MethodOutput(NamedTuple):
@@ -170,9 +162,8 @@ class MethodSpec:
 
 
 def get_method(name: str) -> MethodSpec:
-    """The ``MethodSpec`` of ``name`` (one of ``METHOD_MODULES``)."""
-    check_choice("method", name, METHOD_MODULES)
-    spec = importlib.import_module(METHOD_MODULES[name]).SPEC
+    """The ``MethodSpec`` registered as ``name`` (``fastcal.registry`` kind ``"prompt_method"``)."""
+    spec = registry.get("prompt_method", name, argument="method")
     if not isinstance(spec, MethodSpec) or spec.name != name:
-        raise TypeError(f"{METHOD_MODULES[name]}.SPEC: expected the MethodSpec of {name!r}")
+        raise TypeError(f"prompt_method {name!r}: expected its MethodSpec, got {type(spec).__name__}")
     return spec

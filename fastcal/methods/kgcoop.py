@@ -6,7 +6,7 @@ features near the hand-crafted prompt's zero-shot features ``t0_c`` (the dataset
 
     L = CE + w * (1 - mean_c cos(t_c, t0_c))    (= CE + w/2 * ``fastcal.losses.kgcoop_loss``)
 
-The term is the ``"kgcoop"`` regularizer of ``fastcal.train`` (weight ``kgcoop_weight``), so it combines
+The term is the ``"kgcoop"`` regularizer of ``fastcal.runs.train`` (weight ``kgcoop_weight``), so it combines
 with any loss; this module only names the recipe.
 
 Base-to-new recipe: htyao89/KgCoOp ``KgCoOp/configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml`` with

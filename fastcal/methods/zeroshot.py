@@ -7,19 +7,15 @@ the logits ``z_c = exp(logit_scale) * cos(f_image(x), t_c)``, ``p = softmax(z)``
 come from ``fastcal.models.cache.class_text_features`` and image features from the cached, frozen
 ``fastcal.models.cache.image_features``; both are computed once per model and data.
 
-``zeroshot_report`` is the report shared by ``fastcal demo`` and ``fastcal zeroshot``, under the
-base-to-new protocol of CoCoOp (Zhou et al., CVPR 2022): each class group (base = the first half of the
-classes, new = the rest, optionally all) is evaluated among its own classes, that is on the test images
-of the group with the softmax over the group's classes. Temperature scaling (Guo et al., ICML 2017)
-is fitted on a small labeled calibration set drawn from the validation split of the base classes (the
-only labeled classes in base-to-new; the train split when there is no validation split) and the same
-temperature is applied to every group, so the "new" column shows whether it transfers.
+Class groups (``base_new_groups``) follow the base-to-new protocol of CoCoOp (Zhou et al., CVPR 2022):
+base = the first half of the classes, new = the rest, each evaluated among its own classes
+(``restrict``); ``fastcal.runs.zeroshot`` reports them, before and after temperature scaling.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,16 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcal._checks import check_choice, check_int, check_same_size, check_tensor, fail
-from fastcal.data.items import DatasetSplits, ImageListDataset, Item
+from fastcal.data.items import ImageListDataset, Item
 from fastcal.models.cache import class_text_features, image_features
 from fastcal.models.clip import LoadedClip
 from fastcal.models.fingerprint import model_fingerprint, transform_fingerprint
 
 PROMPT_MODES = ("hard", "ensemble")
-SECTION = "zero-shot"
-
-# A figure writer: (file stem, probs, labels, title) -> the written file's name (or None to skip).
-FigureWriter = Callable[[str, torch.Tensor, torch.Tensor, str], str | None]
 
 
 def prompt_templates(templates: Sequence[str], mode: str) -> list[str]:
@@ -165,116 +157,3 @@ def calibration_subset(labels: torch.Tensor, classes: Sequence[int], size: int, 
     generator = torch.Generator().manual_seed(seed)
     chosen = candidates[torch.randperm(candidates.numel(), generator=generator)[:size]]
     return chosen.sort().values
-
-
-def zeroshot_report(
-    clip: LoadedClip,
-    splits: DatasetSplits,
-    *,
-    modes: Sequence[str] = ("hard",),
-    groups: Sequence[ClassGroup] | None = None,
-    calibration_size: int = 50,
-    n_bins: int = 15,
-    seed: int = 0,
-    cache_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-    figure: FigureWriter | None = None,
-    section: str = SECTION,
-) -> list[dict[str, Any]]:
-    """Zero-shot accuracy and calibration per class group, before and after temperature scaling.
-
-    For each prompt mode: one row without and one with temperature scaling, each holding a
-    ``calibration_report`` (``n_bins`` uniform bins) per group. The temperature is fitted on
-    ``calibration_size`` images drawn (``seed``) from the base classes of the validation split (the
-    train split if there is none), among the base classes (module docstring).
-
-    Args:
-        clip: the model, tokenizer and eval transform.
-        splits: the dataset (its ``templates[0]`` is the hard prompt).
-        modes: prompt modes, of ``PROMPT_MODES``.
-        groups: class groups (default: base and new, ``base_new_groups``).
-        figure: writes a reliability diagram per row and group; its return value is recorded.
-
-    Returns rows ``{"section", "method", "metrics": {group: report}, "notes": {...}}``.
-    """
-    from fastcal.calibrate import fit_temperature
-    from fastcal.metrics import calibration_report
-
-    if isinstance(modes, str) or not modes:
-        raise fail("modes", f"a non-empty list of {PROMPT_MODES}", repr(modes))
-    for mode in modes:
-        check_choice("modes", mode, PROMPT_MODES)
-    check_int("calibration_size", calibration_size, minimum=1)
-    if not splits.test:
-        raise fail("splits", f"a test split with images in {splits.name}", "an empty test split")
-    groups = list(groups) if groups is not None else base_new_groups(splits.num_classes)
-    base = next((g for g in groups if g.name == "base"), groups[0])
-
-    calibration_split = "val" if splits.val else "train"
-    calibration_items = splits.val or splits.train
-    encode = {"cache_dir": cache_dir, "progress": progress, "model_key": model_fingerprint(clip.model)}
-    test_features, test_labels = encode_images(clip, splits.test, splits.classnames, **encode)
-    cal_rows = None
-    if calibration_items:
-        cal_features, cal_labels = encode_images(clip, calibration_items, splits.classnames, **encode)
-        if torch.isin(cal_labels, torch.as_tensor(base.classes)).any():
-            cal_rows = calibration_subset(cal_labels, base.classes, calibration_size, seed)
-    logit_scale = clip.model.logit_scale.detach().float()
-
-    rows = []
-    for mode in modes:
-        templates = prompt_templates(splits.templates, mode)
-        with torch.no_grad():
-            class_features = class_text_features(
-                clip.model, clip.tokenizer, splits.classnames, templates, cache_dir=cache_dir
-            )
-            logits = zeroshot_logits(test_features, class_features, logit_scale)
-        label = "hard prompt" if mode == "hard" else f"{len(templates)}-prompt ensemble"
-        temperatures: list[float | None] = [None]
-        if cal_rows is not None:
-            with torch.no_grad():
-                cal_logits = zeroshot_logits(cal_features[cal_rows], class_features, logit_scale)
-            temperatures.append(fit_temperature(*restrict(cal_logits, cal_labels[cal_rows], base.classes)))
-        for temperature in temperatures:
-            scaled = temperature is not None
-            method = f"CLIP zero-shot, {label}" + (" + TS" if scaled else "")
-            stem = f"zeroshot-{mode}" + ("-ts" if scaled else "")
-            metrics, figures = {}, {}
-            for group in groups:
-                group_logits, group_labels = restrict(logits, test_labels, group.classes)
-                probs = torch.softmax(group_logits / (temperature if scaled else 1.0), dim=-1)
-                metrics[group.name] = calibration_report(probs, group_labels, n_bins=n_bins)
-                if figure is not None:
-                    written = figure(f"{stem}_{group.name}", probs, group_labels, f"{method} ({group.name})")
-                    if written is not None:
-                        figures[group.name] = written
-            notes: dict[str, Any] = {"prompts": mode, "templates": templates}
-            if scaled:
-                notes.update(
-                    temperature=temperature,
-                    calibration_split=calibration_split,
-                    calibration_classes=base.name,
-                    calibration_size=int(cal_rows.numel()),
-                )
-            elif cal_rows is None:
-                notes["temperature_scaling"] = "skipped: no labeled base-class images in a val or train split"
-            if figures:
-                notes["figures"] = figures
-            rows.append({"section": section, "method": method, "metrics": metrics, "notes": notes})
-    return rows
-
-
-def demo_stage(ctx: Any) -> list[dict[str, Any]]:
-    """``fastcal demo`` stage: zero-shot (hard prompt and ensemble) on base and new, with and without
-    temperature scaling (the context protocol is documented in ``fastcal.cli.demo``)."""
-    return zeroshot_report(
-        ctx.clip,
-        ctx.splits,
-        modes=PROMPT_MODES,
-        calibration_size=ctx.calibration_size,
-        n_bins=ctx.n_bins,
-        seed=ctx.seed,
-        cache_dir=ctx.feature_cache_dir,
-        progress=ctx.progress,
-        figure=ctx.figure,
-    )

@@ -6,6 +6,7 @@ See ``fastcal.metrics.functional`` for the definitions and references.
 
 from fastcal.metrics.functional import (
     REPORT_KEYS,
+    SUMMARY_KEYS,
     ReliabilityBins,
     accuracy,
     ace,
@@ -14,6 +15,7 @@ from fastcal.metrics.functional import (
     brier_score,
     calibration_error,
     calibration_report,
+    calibration_summary,
     ece,
     mce,
     negative_log_likelihood,
@@ -25,6 +27,7 @@ from fastcal.metrics.plots import reliability_diagram
 
 __all__ = [
     "REPORT_KEYS",
+    "SUMMARY_KEYS",
     "CalibrationMeter",
     "ReliabilityBins",
     "accuracy",
@@ -34,6 +37,7 @@ __all__ = [
     "brier_score",
     "calibration_error",
     "calibration_report",
+    "calibration_summary",
     "ece",
     "mce",
     "negative_log_likelihood",

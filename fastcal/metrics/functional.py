@@ -54,6 +54,7 @@ ROW_SUM_TOLERANCE = 1e-3
 MAX_BINS = 1_000_000
 NLL_EPS = 1e-12
 REPORT_KEYS = ("accuracy", "ece", "mce", "l2", "brier", "nll", "confidence", "count", "n_bins")
+SUMMARY_KEYS = (*REPORT_KEYS, "ace", "classwise_ece")
 BOOTSTRAP_KEYS = ("accuracy", "ece", "mce", "l2", "brier", "nll", "confidence", "ace", "smooth_ece")
 
 _f64 = torch.float64
@@ -418,6 +419,15 @@ def calibration_report(probs: torch.Tensor, labels: torch.Tensor, *, n_bins: int
     index = uniform_bin_index(stats.confidence, n_bins)
     sums = bin_sums(index, stats.confidence[:, None], stats.hit[:, None], n_bins)[0]
     return report_from_sums(sums, stats.brier.sum(), stats.nll.sum(), n_bins)
+
+
+def calibration_summary(probs: torch.Tensor, labels: torch.Tensor, *, n_bins: int = 15) -> dict[str, float]:
+    """What every fastcal run reports for an evaluated group: ``calibration_report``'s keys plus ``ace``
+    (top-label, ``n_bins`` equal-mass bins) and ``classwise_ece`` (``n_bins`` uniform bins per class)."""
+    report = calibration_report(probs, labels, n_bins=n_bins)
+    report["ace"] = float(calibration_error(probs, labels, n_bins=n_bins, binning="quantile"))
+    report["classwise_ece"] = float(calibration_error(probs, labels, n_bins=n_bins, kind="classwise"))
+    return report
 
 
 def bootstrap_indices(n_rows: int, n: int, seed: int, device=None) -> Iterator[torch.Tensor]:

@@ -5,7 +5,8 @@ The top-label metrics on uniform bins are functions of per-bin sums, so the mete
 the running sums of the Brier and NLL terms. ``update`` adds a batch's sums (no host synchronization
 when ``validate=False``), ``merge`` adds another meter's, ``sync`` all-reduces them across
 ``torch.distributed`` ranks. ``compute`` gives exactly the dict of ``calibration_report`` on the
-concatenated data, up to float64 rounding, however the data was split.
+concatenated data, up to float64 rounding, however the data was split. Rows can also come as
+(confidence, correct) pairs (``update_top_label``), for callers that kept no probability rows.
 
 Equal-mass bins (``ace``) and ``smooth_ece`` need the samples themselves: ``keep_samples=True`` also
 stores each row's top-label confidence and hit (O(N) memory, 9 bytes a row) and ``compute`` then adds
@@ -54,6 +55,7 @@ class CalibrationMeter:
         """Forget everything accumulated."""
         self._bins: torch.Tensor | None = None  # (n_bins, 3): count, confidence sum, hit sum
         self._totals: torch.Tensor | None = None  # (2,): Brier sum, NLL sum
+        self._without_totals = False  # pairs were added without their Brier and NLL terms
         self._confidence: list[torch.Tensor] = []
         self._hit: list[torch.Tensor] = []
         self._synced: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = (
@@ -85,6 +87,40 @@ class CalibrationMeter:
             self._hit.append(stats.hit.bool())
         self._synced = None
 
+    @torch.no_grad()
+    def update_top_label(
+        self,
+        confidence: torch.Tensor,
+        correct: torch.Tensor,
+        *,
+        brier: torch.Tensor | None = None,
+        nll: torch.Tensor | None = None,
+    ) -> None:
+        """Add a batch given as (confidence, correct) pairs: each row's top-label probability (B,) and
+        whether its prediction was right (B,), with no probability rows to build. The top-label metrics
+        need nothing else; Brier and NLL need the whole row, so pass each row's ``brier`` and ``nll``
+        terms (``sum_c (p_c - [c = y])^2`` and ``-log p_y``) when you have them; a meter given pairs
+        without them leaves ``brier`` and ``nll`` out of ``compute()``."""
+        check_tensor("confidence", confidence, ndim=1, floating=True, finite=self.validate)
+        check_tensor("correct", correct, ndim=1, finite=False)
+        if correct.shape[0] != confidence.shape[0]:
+            raise fail("correct", f"{confidence.shape[0]} values (one per confidence)", correct.shape[0])
+        if self.validate and bool(((confidence < 0) | (confidence > 1)).any()):
+            raise fail("confidence", "probabilities in [0, 1]", "values outside [0, 1]")
+        self._allocate(confidence.device)
+        confidence = confidence.to(self._bins.device, _f64)
+        hit = correct.to(self._bins.device, _f64)
+        index = uniform_bin_index(confidence, self.n_bins)
+        self._bins += bin_sums(index, confidence[:, None], hit[:, None], self.n_bins)[0]
+        if brier is None or nll is None:
+            self._without_totals = True
+        else:
+            self._totals += torch.stack([brier.to(self._bins).sum(), nll.to(self._bins).sum()])
+        if self.keep_samples:
+            self._confidence.append(confidence)
+            self._hit.append(hit.bool())
+        self._synced = None
+
     def merge(self, other: CalibrationMeter) -> CalibrationMeter:
         """Add the statistics of ``other`` (same ``n_bins``) to this meter; return this meter."""
         if not isinstance(other, CalibrationMeter):
@@ -98,6 +134,7 @@ class CalibrationMeter:
         self._allocate(other._bins.device)
         self._bins += other._bins.to(self._bins.device)
         self._totals += other._totals.to(self._bins.device)
+        self._without_totals |= other._without_totals
         self._confidence += [c.to(self._bins.device) for c in other._confidence]
         self._hit += [h.to(self._bins.device) for h in other._hit]
         self._synced = None
@@ -160,6 +197,8 @@ class CalibrationMeter:
         if bins is None or float(bins[:, 0].sum()) == 0:
             raise fail("CalibrationMeter", "at least one row before compute()", "0 rows")
         report = report_from_sums(bins, totals[0], totals[1], self.n_bins)
+        if self._without_totals:
+            del report["brier"], report["nll"]
         if self.keep_samples:
             hit = hit.to(_f64)
             sorted_conf, sorted_hit, positions_bin = quantile_bin_sorted(

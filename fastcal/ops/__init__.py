@@ -1,6 +1,6 @@
 """fastcal.ops: autograd Functions, backend dispatch and the torch reference of fastcal's fused losses.
 
-``calibrated_prompt_loss`` runs seed 000's calibrated loss on one of three backends behind one seam
+``calibrated_prompt_loss`` runs TCPT's calibrated loss on one of three backends behind one seam
 (``torch``, ``triton``, ``native``; see ``fastcal.ops.calibrated``). Layer 2: imports only the kernels
 (``fastcal_kernels``, ``fastcal_csrc``) below it, and those lazily.
 """

@@ -5,7 +5,7 @@ For centered A, B (C, D) and Cov = X^T X / C, write S = A + B and Dl = A - B. Th
     A^T A - B^T B = (S^T Dl + Dl^T S) / 2 =: E,        ||Cov(A) - Cov(B)||_F^2 = ||E||_F^2 / C^2.
 
 The D x D side forms E from one GEMM (instead of the two covariances). The Gram side (C x C products,
-the identity of issue 4: ||A^T A - B^T B||_F^2 = ||A A^T||^2 - 2 ||A B^T||^2 + ||B B^T||^2) is used in
+the identity ||A^T A - B^T B||_F^2 = ||A A^T||^2 - 2 ||A B^T||^2 + ||B B^T||^2) is used in
 the equivalent form, with P = S S^T, Q = Dl Dl^T, N = Dl S^T,
 
     ||E||_F^2 = (<P, Q> + <N, N^T>) / 2,
@@ -15,7 +15,7 @@ to get one of size ||A||^2 ||A - B||^2, which in float32 loses every digit when 
 start at the frozen ones (the usual case in prompt tuning).
 
 Side choice by cost: the Gram side costs about 5 C^2 D multiply-adds with its gradient, the D x D side
-2 C D^2; the Gram side is taken when 5 C < 2 D (issue 4: "use whichever side is smaller").
+2 C D^2; the Gram side is taken when 5 C < 2 D.
 """
 
 from __future__ import annotations

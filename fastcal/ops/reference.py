@@ -1,6 +1,6 @@
-"""The ``torch`` backend: the calibrated prompt loss of seed 000 written as its formula reads.
+"""The ``torch`` backend: the calibrated prompt loss of TCPT written as its formula reads.
 
-Seed 000 (TCPT, "Towards Calibrating Prompt Tuning of Vision-Language Models", CVPR 2026; public code
+TCPT ("Towards Calibrating Prompt Tuning of Vision-Language Models", CVPR 2026; public code
 ashshaksharifdeen/TCPT, ``trainers/regularizers.py`` and ``trainers/coop.py``). With f_i (B, D) image,
 t_c (C, D) tuned text and t0_c (C, D) frozen text features, each L2-normalized, and s the (already
 exponentiated) logit scale:

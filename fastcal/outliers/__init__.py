@@ -1,4 +1,4 @@
-"""Text outliers for prompt tuning, and DOR (seed 001, ICML 2025, arXiv 2410.02681).
+"""Text outliers for prompt tuning, and DOR (ICML 2025, arXiv 2410.02681).
 
 - ``fastcal.outliers.wordnet``: WordNet 3.0 made readable by nltk (its corpus, or Debian's files).
 - ``fastcal.outliers.vocabulary``: ``Vocabulary``, ``wordnet_nouns()``, ``read_word_list(path)``.
@@ -6,7 +6,7 @@
 - ``fastcal.outliers.selection``: near-OOD pools (``select_outliers``, ``build_outlier_pool``), the
   class-name exclusion and the ablations (far, random, oracle).
 - ``fastcal.outliers.sampling``: ``OutlierSampler``, the per-epoch draw.
-- ``fastcal.outliers.dor``: ``DORegularizer``, the ``"dor"`` regularizer of ``fastcal.train``.
+- ``fastcal.outliers.dor``: ``DORegularizer``, the ``"dor"`` regularizer of ``fastcal.runs.train``.
 
 The names below are imported on first use, so ``fastcal.outliers.wordnet`` (the set-up command) does
 not load torch.

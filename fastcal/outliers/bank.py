@@ -1,6 +1,6 @@
 """The outlier bank: frozen zero-shot text features of every vocabulary term, encoded once, on disk.
 
-DOR (seed 001) needs, for each outlier term ``o``, its zero-shot feature
+DOR needs, for each outlier term ``o``, its zero-shot feature
 ``t_o = normalize(f_text(template(o)))`` with the frozen CLIP and the dataset's prompt template; for
 WordNet that is 119,034 prompts. ``encode_prompts`` computes them the fast exact way:
 

@@ -1,4 +1,4 @@
-"""DOR: dynamic outlier regularization of prompt tuning (seed 001: "Understanding and Mitigating
+"""DOR: dynamic outlier regularization of prompt tuning ("Understanding and Mitigating
 Miscalibration in Prompt Tuning for Vision-Language Models", ICML 2025, arXiv 2410.02681; reference code
 ml-stat-Sustech/Outlier-Calibration, not reachable here).
 
@@ -22,8 +22,8 @@ The context the outliers go through, per method:
 - CoCoOp: the batch's image-conditioned context ``ctx + mean_i meta_net(f_i)`` (CoCoOp trains with
   batch 1, where this is the image's own context); gradients reach the meta-net as well.
 
-``DORegularizer`` plugs into ``fastcal.train`` as the ``"dor"`` regularizer (``build_dor`` is its
-factory), so it combines with any loss, seed 000's calibrated loss included, and any of these methods.
+``DORegularizer`` plugs into ``fastcal.runs.train`` as the ``"dor"`` regularizer (``build_dor`` is its
+factory), so it combines with any loss, TCPT's calibrated loss included, and any of these methods.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class DORegularizer:
         return outlier_drift_loss(tuned, self.targets)
 
     def __call__(self, batch: Any) -> torch.Tensor:
-        """``weight * L_dor`` for a training step (a ``fastcal.train.objectives.StepBatch``)."""
+        """``weight * L_dor`` for a training step (a ``fastcal.methods.objectives.StepBatch``)."""
         return self.weight * self.drift(batch.method, batch.output.image_features)
 
     def state_dict(self) -> dict[str, Any]:
@@ -165,7 +165,7 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_dor(setup: Any) -> DORegularizer:
-    """The ``"dor"`` regularizer of ``fastcal.train`` from its ``RegularizerSetup``.
+    """The ``"dor"`` regularizer of ``fastcal.runs.train`` from its ``RegularizerSetup``.
 
     Options (``regularizer_options: {dor: {...}}``): ``weight`` (lambda; default ``dor_weight(method)``),
     ``n_outliers`` (100), ``pool_size`` (K, 5000), ``tau`` (0.1), ``uniform`` (False), ``strategy``

@@ -1,6 +1,6 @@
 """DOR's dynamic sampling: a fresh set of outliers from the pool every epoch.
 
-DOR (seed 001, "dynamic sampling mechanism") re-draws the outliers at the start of each epoch, weighted
+DOR ("dynamic sampling mechanism") re-draws the outliers at the start of each epoch, weighted
 by semantic similarity, so the regularizer does not fit a fixed set of words. ``OutlierSampler.sample``
 draws ``n_outliers`` (default 100) distinct pool entries with
 

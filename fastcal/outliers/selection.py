@@ -1,6 +1,6 @@
 """Choosing DOR's outlier pool: near-OOD terms by zero-shot similarity, and the paper's ablations.
 
-DOR (seed 001) ranks every vocabulary term ``o`` by its zero-shot similarity to the task's classes,
+DOR ranks every vocabulary term ``o`` by its zero-shot similarity to the task's classes,
 
     s_o = max_c cos(t_o, t_c)
 

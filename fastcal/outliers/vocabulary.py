@@ -1,6 +1,6 @@
 """Outlier vocabularies: WordNet 3.0's nouns, or any word list.
 
-DOR (seed 001: "Understanding and Mitigating Miscalibration in Prompt Tuning for Vision-Language
+DOR ("Understanding and Mitigating Miscalibration in Prompt Tuning for Vision-Language
 Models", ICML 2025, arXiv 2410.02681) draws its text outliers from WordNet's nouns. ``wordnet_nouns`` reads
 every noun synset through nltk (``wn.all_synsets("n")``) and keeps each lemma name once, underscores
 turned into spaces, in the order of first appearance in ``data.noun``: 119,034 terms over 82,115

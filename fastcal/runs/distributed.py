@@ -8,10 +8,14 @@ barriers return at once.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable
-from typing import TypeVar
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
+
+from fastcal._io import cached_tensors
 
 T = TypeVar("T")
 
@@ -60,3 +64,12 @@ def on_rank_zero(compute: Callable[[], T]) -> T:
         error_type = getattr(builtins, kind, ValueError)
         raise (error_type if issubclass(error_type, (ValueError, OSError)) else ValueError)(text)
     return value  # type: ignore[return-value]
+
+
+def computed_once(
+    path: str | os.PathLike, key: Mapping[str, Any], compute: Callable[[], Mapping[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Tensors rank 0 computes (or finds in the cache file ``path`` for ``key``) while the others wait;
+    then every rank reads the file (``fastcal._io.cached_tensors``)."""
+    on_rank_zero(lambda: cached_tensors(path, key, compute) and None)
+    return cached_tensors(path, key, compute)

@@ -34,6 +34,7 @@ from fastcal._io import remove_stale_temporaries, write_json_atomic
 from fastcal.runs.distributed import on_rank_zero
 
 MANIFEST = "run.json"
+RESULTS = "results.json"
 LOCK = ".fastcal.lock"
 # What fastcal wrote into run folders before they had a manifest: a folder holding one of these holds
 # a run, and only these files (and the patterns below) are removed when it is overwritten.
@@ -66,6 +67,20 @@ def _check_creatable(path: Path, argument: str, what: str) -> None:
         raise fail(argument, f"a {what} path", f"{path}, below the file {existing}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise fail(argument, f"a {what} this user can write", f"{path} ({existing} is not writable)")
+
+
+def package_versions() -> dict[str, str]:
+    """The versions a run's results depend on: fastcal, Python, torch, open_clip, numpy."""
+    import platform
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for package in ("fastcal", "torch", "open_clip_torch", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
 
 
 def check_output_path(path: str | os.PathLike, argument: str = "--output") -> Path:
@@ -142,6 +157,22 @@ def check_run_rules(
             f"{path}, which holds {_describe(found)}",
         )
     return found
+
+
+def check_run_folder(
+    path: str | os.PathLike,
+    *,
+    kind: str,
+    resume: bool = False,
+    overwrite: bool = False,
+    replace_own: bool = False,
+) -> Path:
+    """The checks of ``RunFolder.open`` that read only (the path, the resume and overwrite rules), for
+    a run to make before it loads its model and data."""
+    path = check_output_path(path)
+    rules = {"resume": resume, "overwrite": overwrite, "replace_own": replace_own}
+    check_run_rules(path, kind=kind, argument="--output", **rules)
+    return path
 
 
 class RunFolder:
@@ -223,8 +254,15 @@ class RunFolder:
         return json.loads(path.read_text())
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        """Write ``run.json``: ``{"kind": <command>, **manifest}``."""
-        write_json_atomic(self.path / MANIFEST, {"kind": self.kind, **manifest})
+        """Write ``run.json``: ``{"kind": <command>, "versions": {...}, **manifest}`` (the resolved
+        config and the model's fingerprint, by convention)."""
+        write_json_atomic(
+            self.path / MANIFEST, {"kind": self.kind, "versions": package_versions(), **manifest}
+        )
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        """Write ``results.json`` atomically."""
+        write_json_atomic(self.path / RESULTS, results)
 
     def close(self) -> None:
         """Release the lock (the lock file stays; it is empty of meaning without a holder)."""

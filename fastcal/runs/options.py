@@ -97,7 +97,9 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        if isinstance(value, str) and value.strip().lower() in ("none", "null", "~") and type(None) in args:
+        # "none" unsets a number or a list; a string setting keeps it (``--pretrained none``: random init)
+        unset = isinstance(value, str) and value.strip().lower() in ("none", "null", "~")
+        if unset and type(None) in args and inner[0] is not str:
             return None
         return coerce(name, value, inner[0])
     if isinstance(value, str) and hint is not str:
@@ -141,9 +143,17 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def label(settings: type, name: str) -> str:
+    """How errors name a field of ``settings``: its short spelling where it has one (``--lr`` for
+    ``learning_rate``), else ``flag(name)``."""
+    field = next((f for f in dataclasses.fields(settings) if f.name == name), None)
+    extra = field.metadata.get("flags", ()) if field is not None else ()
+    return extra[0] if extra else flag(name)
+
+
 class Settings:
     """Mixin of the commands' settings dataclasses: construction from YAML and command-line values
-    (module docstring), validation on construction, conversion to a dict."""
+    (module docstring), validation on construction (``validate``), conversion to a dict."""
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -161,7 +171,7 @@ class Settings:
             if name not in known:
                 raise fail("setting", "one of " + ", ".join(sorted(known)), repr(key))
             kwargs[name] = coerce((labels or {}).get(name, name), value, hints[name])
-        return cls(**kwargs).validate()  # type: ignore[call-arg]
+        return cls(**kwargs)  # type: ignore[call-arg]
 
     @classmethod
     def from_sources(
@@ -172,11 +182,15 @@ class Settings:
         if yaml_path is not None:
             values.update(load_yaml(yaml_path))
         values.update(overrides or {})
-        labels = {name: flag(name) for name in (overrides or {})}
+        labels = {name: label(cls, name) for name in (overrides or {})}
         return cls.from_dict(values, labels=labels)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> Any:
-        """Check the values (raise ``ValueError`` naming the field); return ``self``."""
+        """Check the values (raise ``ValueError`` naming the field); return ``self``. Runs on
+        construction."""
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -241,5 +255,12 @@ def options_from_args(args: argparse.Namespace, settings: type) -> dict[str, Any
 
 
 def settings_from_args(args: argparse.Namespace, settings: type) -> Any:
-    """``settings`` from ``--config`` and the options given (``Settings.from_sources``)."""
-    return settings.from_sources(yaml_path=args.config, overrides=options_from_args(args, settings))
+    """``settings`` from ``--config`` and the options given (``Settings.from_sources``); an error that
+    names a field names its option instead (``lr: ...`` becomes ``--lr: ...``)."""
+    try:
+        return settings.from_sources(yaml_path=args.config, overrides=options_from_args(args, settings))
+    except ValueError as error:
+        name, colon, rest = str(error).partition(":")
+        if colon and name in settings.field_names():
+            raise ValueError(f"{label(settings, name)}:{rest}") from None
+        raise

@@ -1,9 +1,11 @@
-"""Test-time prompt tuning at scale: TPT, C-TPT (seed 002) and FPP (seed 003).
+"""Test-time prompt tuning at scale: TPT, C-TPT and FPP.
 
 - ``fastcal.tpt.augment``: TPT's 64 views of a test image made in one batch on the device.
 - ``fastcal.tpt.step``: the graph-capturable tuning step for one or several samples at once.
 - ``fastcal.tpt.tpt`` / ``ctpt`` / ``fpp``: the methods.
-- ``fastcal.tpt.runner``: the resumable, sharded runner behind ``fastcal tpt``.
+- ``fastcal.tpt.specs``: the methods and initializations runs choose by name (``fastcal.registry``).
+
+The resumable, sharded runner behind ``fastcal tpt`` is ``fastcal.runs.tpt``.
 """
 
 from fastcal.tpt.augment import ViewAugmenter, sample_generator

@@ -1,4 +1,4 @@
-"""C-TPT: calibrated test-time prompt tuning (seed 002; Yoon et al., ICLR 2024;
+"""C-TPT: calibrated test-time prompt tuning (Yoon et al., ICLR 2024;
 github.com/hee-suk-yoon/C-TPT).
 
 TPT's loss minus ``lambda`` times the average text feature dispersion of the tuned class features,

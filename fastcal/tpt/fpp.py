@@ -1,4 +1,4 @@
-"""FPP: data-free, flatness-aware pretraining of the TPT context (seed 003; github.com/YonseiML/fpp,
+"""FPP: data-free, flatness-aware pretraining of the TPT context (github.com/YonseiML/fpp,
 ``fpp_classification.py`` ``init_prompts``).
 
 Once per class set, before any test sample, with no data: the context is re-drawn from

@@ -6,8 +6,10 @@ import types
 
 import pytest
 
-from fastcal.cli import demo, main
+from fastcal.cli import main
 from fastcal.metrics.functional import REPORT_KEYS
+from fastcal.runs import demo
+from fastcal.runs.rows import check_row, format_table
 
 
 def report(accuracy, ece):
@@ -150,7 +152,7 @@ def test_bad_rows_are_refused(monkeypatch, tmp_path):
 
 def test_table_groups_rows_by_section_with_harmonic_mean():
     rows = [
-        demo.check_row(
+        check_row(
             "a",
             {
                 "section": "prompt tuning",
@@ -158,10 +160,10 @@ def test_table_groups_rows_by_section_with_harmonic_mean():
                 "metrics": {"base": report(0.8, 0.1), "new": report(0.6, 0.2)},
             },
         ),
-        demo.check_row(
+        check_row(
             "b", {"section": "test-time tuning", "method": "TPT", "metrics": {"new": report(0.7, 0.05)}}
         ),
-        demo.check_row(
+        check_row(
             "a",
             {
                 "section": "prompt tuning",
@@ -171,7 +173,7 @@ def test_table_groups_rows_by_section_with_harmonic_mean():
             },
         ),
     ]
-    table = demo.format_table(rows)
+    table = format_table(rows)
     blocks = table.split("\n\n")
     assert blocks[0].splitlines()[0] == "== prompt tuning =="
     assert blocks[0].splitlines()[1].split() == [

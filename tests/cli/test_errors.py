@@ -96,7 +96,7 @@ CASES = [
     ("train", ["--output", O, "--dataset", "dtd", "--root", "{dir}", "--model", "nosuch"], "model: expected"),
     ("train", ["--output", "{empty_dir}", "--resume"], "--resume: expected a folder holding a run"),
     ("train", ["--output", "{train_run}"], "--output: expected a new or empty folder"),
-    ("train", ["--output", O, "--n_bins", "0"], "n_bins: expected an integer >= 1"),
+    ("train", ["--output", O, "--n_bins", "0"], "--n-bins: expected an integer >= 1"),
     ("train", ["--output", O, "--epochs", "1.5"], "epochs: expected an integer"),
     ("train", ["--output", O, "--nosuch", "1"], "unrecognized arguments: --nosuch"),
     # tpt
@@ -108,6 +108,8 @@ CASES = [
     ("tpt", ["--output", O, "--limit", "0"], "--limit: expected an integer >= 1"),
     ("tpt", ["--output", O, "--model", "nosuch"], "--model: expected an open_clip architecture"),
     ("tpt", ["--output", O, "--views", "5"], "selection"),
+    ("tpt", ["--output", O, "--lambda", "5"], "--lambda: expected C-TPT's lambda only with ctpt"),
+    ("tpt", ["--output", O, "--root", "{dir}"], "--root: expected none without --dataset"),
     # finetune
     ("finetune", ["--method", "ft", "--output", "{file}"], "--output: expected a folder, got the file"),
     ("finetune", ["--method", "ft", "--output", O, "--device", "tpu"], "--device: expected auto"),
@@ -115,8 +117,8 @@ CASES = [
     ("finetune", ["--method", "ft", "--output", "{empty_dir}", "--resume"], "--resume: expected a folder"),
     ("finetune", ["--method", "ft", "--output", "{train_run}"], "--output: expected a new or empty folder"),
     ("finetune", ["--method", "ft", "--output", O, "--model", "nosuch"], "--model: expected"),
-    ("finetune", ["--method", "ft", "--output", O, "--lr", "-1"], "learning_rate: expected a number > 0"),
-    ("finetune", ["--method", "nosuch", "--output", O], "--method: invalid choice"),
+    ("finetune", ["--method", "ft", "--output", O, "--lr", "-1"], "--lr: expected a number > 0"),
+    ("finetune", ["--method", "nosuch", "--output", O], "--method: expected one of ft, flyp, carot"),
     # eval
     ("eval", ["--run", "{file}"], "--run: expected a complete torch file"),
     ("eval", ["--run", "{dir}/missing"], "--run: expected a fastcal train run folder"),

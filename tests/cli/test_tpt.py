@@ -5,7 +5,9 @@ import json
 import pytest
 
 from fastcal.cli import main
-from fastcal.cli.tpt import add_arguments, config_from_args
+from fastcal.cli.tpt import add_arguments
+from fastcal.runs.options import settings_from_args
+from fastcal.runs.tpt import TptConfig
 
 BASE = ["tpt", "--model", "testbed", "--pretrained", "none", "--views", "16", "--quiet"]
 
@@ -34,10 +36,10 @@ def test_tpt_command_end_to_end_and_resume(tmp_path, cache_dir, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--root", "somewhere"], "--root needs --dataset"),
+        (["--root", "somewhere"], "--root: expected none without --dataset"),
         (["--lambda", "5"], "--lambda"),
         (["--temperature", "warm"], "--temperature"),
-        (["--dataset", "imagenet_a"], "--root is required"),
+        (["--dataset", "imagenet_a"], "--root: expected the datasets folder"),
         (["--views", "5"], "selection"),
         (["--limit", "0"], "--limit"),
     ],
@@ -47,29 +49,31 @@ def test_usage_errors_exit_2(tmp_path, extra, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def parse(*argv):
+def resolved(*argv):
+    """The settings the command line gives, over the recipe (``TptConfig.resolved``)."""
     import argparse
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    return parser.parse_args([*argv, "--output", "x"])
+    return settings_from_args(parser.parse_args([*argv, "--output", "x"]), TptConfig).resolved()
 
 
 def test_defaults_follow_the_reference_scripts():
-    tpt_a = config_from_args(parse("--dataset", "imagenet_a", "--root", "r"))
-    assert (tpt_a.augmix, tpt_a.flip, tpt_a.tuning.n_views, tpt_a.tuning.lr) == (False, True, 64, 5e-3)
-    ctpt_a = config_from_args(parse("--method", "ctpt", "--dataset", "imagenet_a", "--root", "r"))
-    assert (ctpt_a.augmix, ctpt_a.tuning.dispersion_weight) == (True, 20.0)
-    ctpt_pets = config_from_args(parse("--method", "ctpt", "--dataset", "oxford_pets", "--root", "r"))
-    assert (ctpt_pets.augmix, ctpt_pets.tuning.dispersion_weight) == (True, 50.0)
-    fpp_r = config_from_args(parse("--init", "fpp", "--dataset", "imagenet_r", "--root", "r"))
-    assert fpp_r.augmix and fpp_r.fpp.steps == 1000 and fpp_r.fpp.flatness_weight == 1.25  # FPP_DS.sh
-    fpp_pets = config_from_args(parse("--init", "fpp", "--dataset", "oxford_pets", "--root", "r"))
-    assert fpp_pets.fpp.flatness_weight is None  # 1 + 15 / C
-    forced = config_from_args(
-        parse("--dataset", "imagenet_a", "--root", "r", "--augmix", "--lambda", "7", "--method", "ctpt")
+    tpt_a = resolved("--dataset", "imagenet_a", "--root", "r")
+    assert (tpt_a.augmix, tpt_a.flip, tpt_a.views, tpt_a.lr) == (False, True, 64, 5e-3)
+    ctpt_a = resolved("--method", "ctpt", "--dataset", "imagenet_a", "--root", "r")
+    assert (ctpt_a.augmix, ctpt_a.tuning().dispersion_weight) == (True, 20.0)
+    ctpt_pets = resolved("--method", "ctpt", "--dataset", "oxford_pets", "--root", "r")
+    assert (ctpt_pets.augmix, ctpt_pets.tuning().dispersion_weight) == (True, 50.0)
+    fpp_r = resolved("--init", "fpp", "--dataset", "imagenet_r", "--root", "r")
+    assert fpp_r.augmix and fpp_r.fpp().steps == 1000 and fpp_r.fpp().flatness_weight == 1.25  # FPP_DS.sh
+    fpp_pets = resolved("--init", "fpp", "--dataset", "oxford_pets", "--root", "r")
+    assert fpp_pets.fpp().flatness_weight is None  # 1 + 15 / C
+    forced = resolved(
+        "--dataset", "imagenet_a", "--root", "r", "--augmix", "--lambda", "7", "--method", "ctpt"
     )
-    assert forced.augmix and forced.tuning.dispersion_weight == 7.0
-    fitted = config_from_args(parse("--temperature", "fit"))
-    assert fitted.fit_temperature and fitted.temperature is None
-    assert config_from_args(parse("--temperature", "1.16")).temperature == 1.16
+    assert forced.augmix and forced.tuning().dispersion_weight == 7.0
+    assert resolved("--temperature", "fit").temperature == "fit"
+    assert resolved("--temperature", "1.16").fixed_temperature == 1.16
+    on_testbed = resolved()
+    assert (on_testbed.augmix, on_testbed.flip, on_testbed.num_workers) == (True, False, 0)

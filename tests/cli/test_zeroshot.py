@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 from fastcal.cli import main
 from fastcal.data.testbed import digits_splits
-from fastcal.methods.zeroshot import zeroshot_report
 from fastcal.models.testbed import build_testbed_model
+from fastcal.runs.zeroshot import zeroshot_report
 
 TINY_NAME = "fastcal-zeroshot-test-tiny"
 TINY_CFG = {

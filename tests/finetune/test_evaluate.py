@@ -15,7 +15,7 @@ from fastcal.finetune.evaluate import (
     mean_entry,
     predict_logits,
 )
-from fastcal.metrics import calibration_report
+from fastcal.metrics import calibration_summary
 
 
 def _logits(n, c, seed):
@@ -29,9 +29,9 @@ def test_calibration_entry_with_and_without_temperature():
     logits, labels = _logits(41, 6, seed=0)
     entry = calibration_entry(logits, labels, 1.7, n_bins=10)
     assert entry == {
-        **calibration_report(logits.softmax(1), labels, n_bins=10),
+        **calibration_summary(logits.softmax(1), labels, n_bins=10),
         "temperature": 1.7,
-        "temperature_scaled": calibration_report((logits / 1.7).softmax(1), labels, n_bins=10),
+        "temperature_scaled": calibration_summary((logits / 1.7).softmax(1), labels, n_bins=10),
     }
     assert entry["n_bins"] == 10
 

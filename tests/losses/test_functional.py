@@ -55,7 +55,10 @@ IMAGE, TEXT, LABELS, FROZEN = problem()
         ({"image_features": IMAGE[:0]}, "image_features: expected a non-empty tensor"),
         ({"image_features": with_entry(IMAGE, 4, 0.0)}, "image_features: expected rows with a nonzero norm"),
         ({"logit_scale": 0.0}, r"logit_scale: expected an exponentiated scale in \(0, 10000\]"),
-        ({"logit_scale": torch.tensor(-3.0)}, r"logit_scale: expected an exponentiated scale in \(0, 10000\]"),
+        (
+            {"logit_scale": torch.tensor(-3.0)},
+            r"logit_scale: expected an exponentiated scale in \(0, 10000\]",
+        ),
         ({"logit_scale": torch.tensor([1.0, 2.0])}, "logit_scale: expected a float or a 0-dim tensor"),
         ({"logit_scale": torch.tensor(float("nan"))}, "logit_scale: expected finite values"),
     ],

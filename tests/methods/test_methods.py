@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastcal.methods.base import METHOD_MODULES, clip_logits, get_method
+from fastcal import registry
+from fastcal.methods.base import clip_logits, get_method
 from fastcal.methods.cocoop import CoCoOp
 from fastcal.methods.coop import CoOp
 from fastcal.methods.maple import MaPLe
@@ -201,7 +202,7 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(METHOD_MODULES))
+@pytest.mark.parametrize("name", sorted(registry.names("prompt_method")))
 def test_a_step_moves_only_the_tuned_parameters(fresh_clip, name):
     spec = get_method(name)
     frozen = {k: v.clone() for k, v in fresh_clip.model.state_dict().items()}
@@ -234,7 +235,7 @@ def test_a_step_moves_only_the_tuned_parameters(fresh_clip, name):
 
 
 def test_specs_cite_their_recipes():
-    for name in METHOD_MODULES:
+    for name in registry.names("prompt_method"):
         spec = get_method(name)
         for key in ("epochs", "batch_size", "lr", "warmup_epochs", "warmup_lr"):
             assert key in spec.recipe, (name, key)

@@ -20,11 +20,11 @@ from fastcal.methods.zeroshot import (
     prompt_templates,
     restrict,
     zeroshot_logits,
-    zeroshot_report,
 )
 from fastcal.metrics import calibration_report
 from fastcal.models.clip import LoadedClip
 from fastcal.models.testbed import TESTBED_MODEL, build_testbed_model, make_testbed_transforms
+from fastcal.runs.zeroshot import zeroshot_report  # the report the demo and `fastcal zeroshot` share
 
 CLASSNAMES = ["red fox", "axolotl", "stone bridge", "teapot", "violin"]
 TEMPLATES = ["a photo of a {}.", "a blurry sketch of the {}, drawn badly.", "{}"]

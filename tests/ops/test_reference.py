@@ -13,7 +13,7 @@ from fastcal.ops import (
 
 
 def tcpt_loss(image, text, labels, scale, frozen, alpha, beta, weight, eps):
-    """Seed 000's step as its public code writes it (TCPT trainers/regularizers.py, trainers/coop.py):
+    """TCPT's step as its public code writes it (TCPT trainers/regularizers.py, trainers/coop.py):
     normalized features, logits, F.cross_entropy, margin_mean_var on cloned logits with the target set
     to -inf, text_moment_matching with the two D x D covariances."""
     f = image / image.norm(dim=-1, keepdim=True)
@@ -87,7 +87,7 @@ def test_covariance_gap_both_sides_and_the_issue_identity(c, d):
     b = torch.randn(c, d, generator=g, dtype=torch.float64)
     a, b = a - a.mean(0), b - b.mean(0)
     naive = (a.T @ a / c - b.T @ b / c).pow(2).sum()
-    # Issue 4's Gram identity: (||A A^T||^2 - 2 ||A B^T||^2 + ||B B^T||^2) / C^2.
+    # The Gram identity: (||A A^T||^2 - 2 ||A B^T||^2 + ||B B^T||^2) / C^2.
     gram = ((a @ a.T).pow(2).sum() - 2 * (a @ b.T).pow(2).sum() + (b @ b.T).pow(2).sum()) / c**2
     torch.testing.assert_close(covariance_gap_sq(a, b), naive, rtol=1e-12, atol=0)
     torch.testing.assert_close(gram, naive, rtol=1e-10, atol=0)

@@ -238,13 +238,13 @@ def test_factory_errors(tiny_clip, tmp_path):
 
 
 def test_training_with_the_dor_regularizer(tiny_clip, tmp_path):
-    """``fastcal.train`` with ``regularizers: [dor]``: the loss includes lambda * drift, the checkpoint
+    """``fastcal.runs.train`` with ``regularizers: [dor]``: the loss includes lambda * drift, the checkpoint
     keeps the outlier epoch, the results have both class groups."""
     from fastcal.data.items import DatasetSplits
     from fastcal.data.testbed import digits_splits
     from fastcal.models.clip import LoadedClip
     from fastcal.models.testbed import make_testbed_transforms
-    from fastcal.train import TrainConfig, train
+    from fastcal.runs.train import TrainConfig, train
 
     model, tokenizer = tiny_clip
     full = digits_splits(0)
@@ -277,7 +277,7 @@ def test_training_with_the_dor_regularizer(tiny_clip, tmp_path):
     # lambda (8 for CoOp) times the drift of the random initial context.
     gap = with_dor["train"]["history"][0]["loss"] - plain["train"]["history"][0]["loss"]
     from fastcal.outliers.selection import build_outlier_pool
-    from fastcal.train import load_prompt
+    from fastcal.runs.train import load_prompt
 
     method = load_prompt(tmp_path / "dor", clip)
     base = with_dor["config"]
@@ -301,12 +301,13 @@ def test_training_with_the_dor_regularizer(tiny_clip, tmp_path):
 def test_train_command_takes_regularizer_dor():
     """``fastcal train --method coop --regularizer dor``: the singular flag fills ``regularizers``."""
     from fastcal.cli import _build_parser
-    from fastcal.cli.train import config_from_args
+    from fastcal.runs.options import settings_from_args
+    from fastcal.runs.train import TrainConfig
 
     args = _build_parser("train").parse_args(
         ["train", "--method", "coop", "--regularizer", "dor", "--regularizer-options", "{dor: {weight: 4}}"]
     )
-    config = config_from_args(args)
+    config = settings_from_args(args, TrainConfig)
     assert config.regularizers == ["dor"]
     assert config.regularizer_options == {"dor": {"weight": 4}}
 
@@ -314,8 +315,8 @@ def test_train_command_takes_regularizer_dor():
 def test_demo_row_says_so_without_wordnet(monkeypatch, tmp_path):
     """Without WordNet the demo's CoOp + DOR stage returns a row that says why, and the table prints it."""
     import fastcal.outliers.wordnet as wordnet_module
-    from fastcal.cli.demo import check_row, format_table
-    from fastcal.train.demo import coop_dor_stage
+    from fastcal.runs.demo.prompt_tuning import coop_dor_stage
+    from fastcal.runs.rows import check_row, format_table
 
     def missing(*args, **kwargs):
         raise wordnet_module.WordNetNotFoundError("WordNet 3.0: expected ..., got neither")
@@ -331,12 +332,12 @@ def test_demo_row_says_so_without_wordnet(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize(("method", "loss"), [("kgcoop", "calibrated"), ("cocoop", "ce"), ("maple", "ce")])
 def test_dor_trains_with_the_other_methods(tiny_clip, tmp_path, method, loss):
-    """One epoch of each other method with DOR (KgCoOp with seed 000's calibrated loss too)."""
+    """One epoch of each other method with DOR (KgCoOp with TCPT's calibrated loss too)."""
     from fastcal.data.items import DatasetSplits
     from fastcal.data.testbed import digits_splits
     from fastcal.models.clip import LoadedClip
     from fastcal.models.testbed import make_testbed_transforms
-    from fastcal.train import TrainConfig, train
+    from fastcal.runs.train import TrainConfig, train
 
     model, tokenizer = tiny_clip
     full = digits_splits(0)

@@ -56,7 +56,9 @@ def test_a_run_is_neither_resumed_from_nothing_nor_replaced_unasked(tmp_path):
     with pytest.raises(ValueError, match="--resume: expected a folder holding a tpt run"):
         RunFolder.open(output, kind="tpt", resume=True)
     with RunFolder.open(output, kind="train", resume=True) as folder:
-        assert folder.manifest() == {"kind": "train", "config": {"lr": 0.1}}
+        manifest = folder.manifest()
+        assert manifest["kind"] == "train" and manifest["config"] == {"lr": 0.1}
+        assert {"fastcal", "torch", "open_clip_torch", "numpy", "python"} <= set(manifest["versions"])
     with pytest.raises(ValueError, match="either --resume or --overwrite"):
         RunFolder.open(output, kind="train", resume=True, overwrite=True)
 

@@ -1,35 +1,16 @@
 """The ``fastcal demo`` stage of robust fine-tuning on the testbed CLIP, with one-step schedules and
 trimmed evaluation sets (the real stage runs in ``fastcal demo``)."""
 
+import contextlib
 import dataclasses
-from pathlib import Path
 
 import pytest
 
-import fastcal.finetune.demo as finetune_demo
-import fastcal.finetune.experiment as experiment
-from fastcal.cli.demo import check_row, format_table
-from fastcal.finetune import config as finetune_config
-
-
-@dataclasses.dataclass
-class FakeContext:
-    """The part of ``fastcal.cli.demo.DemoContext`` the stage uses."""
-
-    clip: object
-    output: Path
-    feature_cache_dir: Path
-    n_bins: int = 15
-    progress: bool = False
-    figures: list = dataclasses.field(default_factory=list)
-
-    def figure(self, stem, probs, labels, title):
-        assert probs.shape[0] == labels.shape[0] and title
-        self.figures.append(stem)
-        return f"{stem}.png"
-
-    def log(self, message):
-        pass
+import fastcal.runs.demo.finetuning as finetune_demo
+import fastcal.runs.finetune as experiment
+from fastcal import registry
+from fastcal.runs.demo import DemoContext
+from fastcal.runs.rows import check_row, format_table
 
 
 def test_demo_stage_rows(testbed_clip, cache_dir, tmp_path, monkeypatch):
@@ -45,16 +26,16 @@ def test_demo_stage_rows(testbed_clip, cache_dir, tmp_path, monkeypatch):
         ood=tuple(small(s, 40) for s in full.ood),
     )
     monkeypatch.setattr(experiment, "testbed_data", lambda: trimmed)
-    monkeypatch.setattr(
-        finetune_demo,
-        "testbed_config",
-        lambda method: finetune_config.testbed_config(method).replace(max_steps=1, batch_size=16),
-    )
     clip = testbed_clip
-    ctx = FakeContext(clip, tmp_path, cache_dir / "features")
+    ctx = DemoContext(tmp_path, clip, None, cache_dir, progress=False)
     before = {k: v.clone() for k, v in clip.model.state_dict().items()}
 
-    rows = [check_row("finetune", row) for row in finetune_demo.demo_stage(ctx)]
+    with contextlib.ExitStack() as one_step_schedules:
+        for method in finetune_demo.METHODS:
+            spec = registry.get("finetune_method", method)
+            short = dataclasses.replace(spec, testbed=spec.testbed.replace(max_steps=1, batch_size=16))
+            one_step_schedules.enter_context(registry.registered("finetune_method", method, short))
+        rows = [check_row("finetune", row) for row in finetune_demo.finetuning_stage(ctx)]
     methods = [row["method"] for row in rows]
     assert methods == [
         "CLIP zero-shot (ensemble)",
@@ -73,7 +54,9 @@ def test_demo_stage_rows(testbed_clip, cache_dir, tmp_path, monkeypatch):
         assert row["metrics"]["ID"]["count"] == 40 and row["metrics"]["ID"]["n_bins"] == 15
         assert ("temperature" in row["notes"]) == row["method"].endswith("+ TS")
         assert set(row["notes"]["figures"]) == {"ID", "OOD"}
-    assert len(ctx.figures) == 20
+    assert len(ctx.figures) == 20 and all((tmp_path / name).is_file() for name in ctx.figures)
+    for method in finetune_demo.METHODS:  # each a run folder with its predictions
+        assert (tmp_path / "finetune" / method / "predictions" / "digits_shifted.npz").is_file()
     assert rows[0]["metrics"]["ID"]["accuracy"] == pytest.approx(rows[1]["metrics"]["ID"]["accuracy"])
     # the shared pretrained model is left as it was (each method fine-tunes a copy)
     for name, value in clip.model.state_dict().items():

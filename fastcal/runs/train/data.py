@@ -68,7 +68,7 @@ def load_clip_for(config: Any) -> LoadedClip:
         cache = None if config.cache_dir is None else Path(config.cache_dir) / "testbed"
         return load_testbed_clip(cache_dir=cache, progress=config.progress)
     from fastcal.models import load_clip
-    from fastcal.train.config import RANDOM_INIT
+    from fastcal.runs.train.config import RANDOM_INIT
 
     pretrained = None if config.pretrained == RANDOM_INIT else config.pretrained
     return load_clip(config.model, pretrained, precision=config.precision)

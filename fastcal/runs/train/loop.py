@@ -32,22 +32,25 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from fastcal._checks import fail
+from fastcal._checks import check_device, fail
 from fastcal._io import atomic_path, load_torch_file, write_json_atomic
 from fastcal.data.items import DatasetSplits, ImageListDataset
 from fastcal.losses import value_checks
 from fastcal.methods.base import MethodSpec, PromptMethod, get_method
+from fastcal.methods.objectives import RegularizerSetup, StepBatch, build_loss, build_regularizers
 from fastcal.models.cache import SeededViews
 from fastcal.models.clip import LoadedClip
 from fastcal.runs.folder import RunFolder
-from fastcal.train.config import RESUME_FREE_KEYS, TrainConfig
-from fastcal.train.data import (
+from fastcal.runs.predictions import predictions_path, save_predictions
+from fastcal.runs.rows import harmonic_mean
+from fastcal.runs.train.config import RESUME_FREE_KEYS, TrainConfig
+from fastcal.runs.train.data import (
     EvalGroup,
     RunData,
     epoch_batches,
@@ -57,7 +60,6 @@ from fastcal.train.data import (
     run_data,
     train_transform_for,
 )
-from fastcal.train.objectives import RegularizerSetup, StepBatch, build_loss, build_regularizers
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PROMPT_NAME = "prompt.pt"
@@ -74,17 +76,6 @@ def learning_rate_factor(
     if epoch < warmup_epochs:
         return warmup_lr / lr
     return 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def harmonic_mean(a: float, b: float) -> float:
-    """``2ab / (a + b)`` (0 when both are 0): CoCoOp's HM of base and new accuracy."""
-    return 0.0 if a + b == 0 else 2.0 * a * b / (a + b)
 
 
 def frozen_class_features(
@@ -177,7 +168,7 @@ def prepare(
 
     config = config.resolved()
     spec = get_method(config.method)
-    device = resolve_device(config.device)
+    device = check_device("device", config.device)
     clip = clip if clip is not None else load_clip_for(config)
     clip.model.to(device)
     splits = splits if splits is not None else load_splits_for(config)
@@ -237,7 +228,7 @@ def prepare(
         device=device,
         model_key=model_key,
         frozen=frozen,
-        loss=build_loss(config.to_dict()),
+        loss=build_loss(config.loss, config.to_dict()),
         regularizers=regularizers,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -334,6 +325,15 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
+class Prediction(NamedTuple):
+    """What a method scored on a set: ``logits`` (N, C) as scored, ``labels`` (N,), and the class
+    features it scored with (``(C, D)``; ``None`` when every image has its own, as in CoCoOp)."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    text_features: torch.Tensor | None
+
+
 @torch.no_grad()
 def predict(
     method: PromptMethod,
@@ -347,8 +347,8 @@ def predict(
     progress: bool = False,
     num_workers: int = 0,
     model_key: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax probabilities (N, C) and labels (N,) of ``items`` over ``classnames`` (eval transform).
+) -> Prediction:
+    """The method's logits and the labels of ``items`` over ``classnames`` (eval transform).
 
     The method is switched to ``classnames`` (its tuned parameters are kept) and left there.
     """
@@ -357,7 +357,6 @@ def predict(
     images_per_batch = batch_size
     if method.per_image_prompts:
         batch_size = max(1, min(batch_size, EVAL_PROMPTS_PER_BATCH // len(classnames)))
-    probs = []
     if method.input_kind == "features":
         from fastcal.methods.zeroshot import encode_images
 
@@ -371,15 +370,21 @@ def predict(
             progress=progress,
             model_key=model_key,
         )
-        for chunk in features.split(batch_size):
-            probs.append(method(chunk.to(device)).logits.float().softmax(dim=-1).cpu())
-        return torch.cat(probs), labels
-    dataset = ImageListDataset(items, classnames, clip.eval_transform)
-    labels = []
-    for images, batch_labels in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
-        probs.append(method(images.to(device)).logits.float().softmax(dim=-1).cpu())
-        labels.append(torch.as_tensor(batch_labels))
-    return torch.cat(probs), torch.cat(labels)
+        batches = ((chunk, None) for chunk in features.split(batch_size))
+    else:
+        dataset = ImageListDataset(items, classnames, clip.eval_transform)
+        batches = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+        labels = None
+    logits, seen_labels, text_features = [], [], None
+    for inputs, batch_labels in batches:
+        output = method(inputs.to(device))
+        logits.append(output.logits.float().cpu())
+        if batch_labels is not None:
+            seen_labels.append(torch.as_tensor(batch_labels))
+        if output.text_features.ndim == 2 and text_features is None:
+            text_features = output.text_features.float().cpu()
+    labels = labels if labels is not None else torch.cat(seen_labels)
+    return Prediction(torch.cat(logits), labels, text_features)
 
 
 def report_groups(
@@ -389,26 +394,60 @@ def report_groups(
     *,
     n_bins: int,
     diagram: Callable[[str], tuple[Path, str]] | None = None,
+    predictions: Callable[[str], Path] | None = None,
+    templates: Sequence[str] = (),
     **predict_options: Any,
 ) -> dict[str, Any]:
-    """``{group: calibration_report}`` of ``method`` on each group among its own classes, plus the
-    harmonic mean of base and new accuracy (``"hm"``) when both are there. ``diagram(group name)`` gives
-    the path and title of the group's reliability diagram (none without it); ``predict_options`` go to
-    ``predict``. The method is left on the last group's classes."""
-    from fastcal.metrics import calibration_report, reliability_diagram
+    """``{group: calibration_summary}`` of ``method`` on each group among its own classes, plus the
+    harmonic mean of base and new accuracy (``"hm"``) when both are there.
+
+    ``diagram(group name)`` gives the path and title of the group's reliability diagram, and
+    ``predictions(group name)`` the path its predictions are saved to (``fastcal.runs.predictions``,
+    with the zero-shot class features of ``templates[0]``); without them, none. ``predict_options`` go
+    to ``predict``. The method is left on the last group's classes."""
+    from fastcal.metrics import calibration_summary, reliability_diagram
 
     results: dict[str, Any] = {}
     for group in groups:
-        probs, labels = predict(method, clip, group.items, group.classnames, **predict_options)
-        results[group.name] = calibration_report(probs, labels, n_bins=n_bins)
+        prediction = predict(method, clip, group.items, group.classnames, **predict_options)
+        probs = prediction.logits.softmax(dim=-1)
+        results[group.name] = calibration_summary(probs, prediction.labels, n_bins=n_bins)
         if diagram is not None:
             import matplotlib.pyplot as plt
 
             path, title = diagram(group.name)
-            plt.close(reliability_diagram(probs, labels, n_bins=n_bins, path=path, title=title))
+            plt.close(reliability_diagram(probs, prediction.labels, n_bins=n_bins, path=path, title=title))
+        if predictions is not None:
+            save_group_predictions(predictions(group.name), method, clip, group, prediction, templates)
     if "base" in results and "new" in results:
         results["hm"] = {"accuracy": harmonic_mean(results["base"]["accuracy"], results["new"]["accuracy"])}
     return results
+
+
+def save_group_predictions(
+    path: Path,
+    method: PromptMethod,
+    clip: LoadedClip,
+    group: EvalGroup,
+    prediction: Prediction,
+    templates: Sequence[str],
+) -> None:
+    """``fastcal.runs.predictions`` file of one evaluated group (with the frozen hand-crafted prompt's
+    class features when ``templates`` are given)."""
+    from fastcal.models.cache import class_text_features
+
+    zeroshot = None
+    if templates:
+        zeroshot = class_text_features(clip.model, clip.tokenizer, group.classnames, list(templates[:1]))
+    save_predictions(
+        path,
+        prediction.logits,
+        prediction.labels,
+        group.classnames,
+        logit_scale=float(method.clip_model.logit_scale.detach().float().exp()),
+        text_features=prediction.text_features,
+        zeroshot_text_features=zeroshot,
+    )
 
 
 def evaluate_groups(run: Run, output: Path | None) -> dict[str, Any]:
@@ -421,6 +460,8 @@ def evaluate_groups(run: Run, output: Path | None) -> dict[str, Any]:
         run.data.groups,
         n_bins=config.n_bins,
         diagram=(lambda g: (output / f"reliability_{g}.png", f"{title}, {g} classes")) if output else None,
+        predictions=(lambda g: predictions_path(output, g)) if output else None,
+        templates=run.data.templates,
         device=run.device,
         batch_size=config.eval_batch_size,
         cache_dir=config.cache_dir,
@@ -542,24 +583,24 @@ def train(
     clip: LoadedClip | None = None,
     splits: DatasetSplits | None = None,
     stop_after: int | None = None,
-    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train ``config.method`` and evaluate it; returns the results dict (also written to ``output``).
 
     Args:
-        config: the run's configuration (resolved against the method's recipe here).
+        config: the run's configuration (resolved against the method's recipe here); ``output`` is held
+            as a run folder (``fastcal.runs.folder``: ``resume`` continues the run it holds,
+            ``overwrite`` replaces it).
         clip, splits: an already loaded model and dataset (default: from the config).
         stop_after: stop after this many epochs in total, without evaluating (as a preempted job
             would); a later call with ``resume=True`` continues. Returns ``{}`` then.
-        overwrite: replace a run that ``config.output`` holds (else that is an error unless
-            ``config.resume``; ``fastcal.runs.folder``).
     """
     config = config.resolved()
     if config.output is None:
         if config.resume:
             raise fail("resume", "an output folder with a checkpoint", "no output folder")
         return _train(config, None, clip=clip, splits=splits, stop_after=stop_after)
-    with RunFolder.open(config.output, kind="train", resume=config.resume, overwrite=overwrite) as folder:
+    rules = {"resume": config.resume, "overwrite": config.overwrite}
+    with RunFolder.open(config.output, kind="train", **rules) as folder:
         return _train(config, folder, clip=clip, splits=splits, stop_after=stop_after)
 
 

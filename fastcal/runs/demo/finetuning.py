@@ -1,27 +1,28 @@
 """``fastcal demo`` stage: robust fine-tuning on the testbed, in-distribution and under a style shift.
 
-The testbed CLIP is fine-tuned on the base digits 0-4 (train split) with the short schedules of
-``fastcal.finetune.config.testbed_config`` and evaluated on their test images (ID) and on the same
-images style-shifted (OOD: sheared and tinted; ``fastcal.data.testbed.shifted``), each
-without and with temperature scaling fitted on their val split. Rows: zero-shot CLIP (the prompt
-ensemble), FT, WiSE-FT (FT mixed with zero-shot at alpha = 0.5, CaRot's choice), FLYP and CaRot. The
-runs' folders (weights, checkpoints) live in a temporary folder; the rows, their reliability diagrams
-and the per-method settings go to the demo's output.
+The testbed CLIP is fine-tuned on the base digits 0-4 (train split) with each method's short testbed
+schedule (``FinetuneSpec.testbed``) through the same runner as ``fastcal finetune``
+(``fastcal.runs.finetune``: run folders under ``<demo output>/finetune/<method>``) and evaluated on their
+test images (ID) and on the same images style-shifted (OOD: sheared and tinted;
+``fastcal.data.testbed.shifted``), each without and with temperature scaling fitted on their val split.
+Rows: zero-shot CLIP (the prompt ensemble), FT, WiSE-FT (FT mixed with zero-shot at alpha = 0.5,
+CaRot's choice), FLYP and CaRot.
 """
 
 from __future__ import annotations
 
 import copy
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from fastcal.finetune.config import WISE_ALPHA, testbed_config
+from fastcal import registry
+from fastcal.finetune.config import WISE_ALPHA
+from fastcal.runs.demo import DemoContext
+from fastcal.runs.rows import Row
 
 SECTION = "robust fine-tuning (base digits; ID = test, OOD = style-shifted test)"
-METHODS = (("ft", "FT"), ("flyp", "FLYP"), ("carot", "CaRot"))
+METHODS = ("ft", "flyp", "carot")
 
 
 def _report(entry: dict[str, Any]) -> dict[str, Any]:
@@ -50,7 +51,7 @@ def _rows(label: str, results: dict[str, Any], figures: dict[str, str], notes: d
     ]
 
 
-def _figure_hook(ctx: Any, stem: str, label: str, figures: dict[str, dict[str, str]]):
+def _figure_hook(ctx: DemoContext, stem: str, label: str, figures: dict[str, dict[str, str]]):
     groups = {"digits": "ID", "digits_shifted": "OOD"}
 
     def write(name: str, logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> None:
@@ -65,17 +66,17 @@ def _figure_hook(ctx: Any, stem: str, label: str, figures: dict[str, dict[str, s
     return write
 
 
-def demo_stage(ctx: Any) -> list[dict[str, Any]]:
+def finetuning_stage(ctx: DemoContext) -> list[Row]:
     """Rows for ZS, FT, WiSE-FT, FLYP and CaRot (each without and with TS), ``ctx.n_bins`` bins."""
     from fastcal.finetune.evaluate import evaluate
-    from fastcal.finetune.experiment import (
-        TESTBED_MODEL,
+    from fastcal.models import LoadedClip
+    from fastcal.runs.finetune import (
+        FinetuneRunConfig,
         classifier_factory,
         run_finetune,
         run_wise,
         testbed_data,
     )
-    from fastcal.models import LoadedClip
 
     data = testbed_data()
     pretrained = ctx.clip
@@ -88,45 +89,42 @@ def demo_stage(ctx: Any) -> list[dict[str, Any]]:
             pretrained.eval_transform,
         )
 
-    common = {"n_bins": ctx.n_bins, "progress": ctx.progress, "cache_dir": ctx.feature_cache_dir}
-    rows: dict[str, list[dict[str, Any]]] = {}
-    with tempfile.TemporaryDirectory(prefix="fastcal-demo-finetune-") as tmp:
-        for method, label in METHODS:
-            ctx.log(f"fastcal demo: fine-tuning {label}")
-            config = testbed_config(method)
-            figures: dict[str, dict[str, str]] = {}
-            results = run_finetune(
-                config,
-                data,
-                fresh(),
-                Path(tmp) / method,
-                model_name=TESTBED_MODEL,
-                pretrained=None,
-                figure=_figure_hook(ctx, f"finetune-{method}", label, figures),
-                **common,
-            )
-            notes = {
-                "steps": results["config"]["total_steps"],
-                "batch_size": config.batch_size,
-                "learning_rate": config.learning_rate,
-            }
-            if method == "carot":
-                notes.update(
-                    distill_weight=config.distill_weight, teacher_update_every=config.teacher_update_every
-                )
-            rows[method] = _rows(label, results, figures, notes)
-        ctx.log("fastcal demo: WiSE-FT")
-        wise_figures: dict[str, dict[str, str]] = {}
-        wise = run_wise(
-            Path(tmp) / "ft",
-            [],
-            Path(tmp) / "wise",
-            select=WISE_ALPHA,
+    folder = ctx.output / "finetune"
+    rows: dict[str, list[Row]] = {}
+    for method in METHODS:
+        label = registry.get("finetune_method", method).title
+        ctx.log(f"fastcal demo: fine-tuning {label}")
+        settings = FinetuneRunConfig(
+            method=method,
+            output=str(folder / method),
+            n_bins=ctx.n_bins,
+            keep_checkpoint=False,  # 43-57 MB each on the testbed, and the demo never resumes
+            progress=ctx.progress,
+        )
+        figures: dict[str, dict[str, str]] = {}
+        results = run_finetune(
+            settings,
             data=data,
             backbone=fresh(),
-            figure=_figure_hook(ctx, "finetune-wise", "WiSE-FT", wise_figures),
-            **common,
+            figure=_figure_hook(ctx, f"finetune-{method}", label, figures),
+            cache_dir=ctx.feature_cache_dir,
         )
+        notes = {"steps": results["config"]["total_steps"], "hyperparameters": results["config"]["finetune"]}
+        rows[method] = _rows(label, results, figures, notes)
+    ctx.log("fastcal demo: WiSE-FT")
+    wise_figures: dict[str, dict[str, str]] = {}
+    wise = run_wise(
+        folder / "ft",
+        [],
+        folder / "wise",
+        select=WISE_ALPHA,
+        data=data,
+        backbone=fresh(),
+        figure=_figure_hook(ctx, "finetune-wise", "WiSE-FT", wise_figures),
+        n_bins=ctx.n_bins,
+        progress=ctx.progress,
+        cache_dir=ctx.feature_cache_dir,
+    )
     zero_figures: dict[str, dict[str, str]] = {}
     zero_shot = evaluate(
         classifier_factory(pretrained.model, pretrained.tokenizer, cache_dir=ctx.feature_cache_dir),

@@ -2,23 +2,14 @@
 per stage (here on the tiny CLIP and synthetic images instead of the testbed, for speed)."""
 
 import json
-from types import SimpleNamespace
 
-from fastcal.cli.demo import STAGES, check_row, format_table
-from fastcal.train import demo
+from fastcal.runs.demo import STAGES, DemoContext
+from fastcal.runs.demo import prompt_tuning as demo
+from fastcal.runs.rows import check_row, format_table
 
 
 def test_stage_rows_and_run_folders(tmp_path, tiny_clip, synthetic_splits):
-    ctx = SimpleNamespace(
-        output=tmp_path,
-        seed=0,
-        n_bins=15,
-        progress=False,
-        cache_dir=tmp_path / "cache",
-        figures=[],
-        clip=tiny_clip,
-        splits=synthetic_splits,
-    )
+    ctx = DemoContext(tmp_path, tiny_clip, synthetic_splits, tmp_path / "cache", progress=False)
     rows = [check_row("cocoop", row) for row in demo.cocoop_stage(ctx)]
     rows += [check_row("coop_calibrated", row) for row in demo.coop_calibrated_stage(ctx)]
     assert [r["method"] for r in rows] == ["CoCoOp", "CoOp + calibrated loss"]
@@ -33,4 +24,4 @@ def test_stage_rows_and_run_folders(tmp_path, tiny_clip, synthetic_splits):
     registered = dict(STAGES)
     for name in ("coop", "coop_calibrated", "kgcoop", "cocoop", "maple", "vpt"):
         module, _, function = registered[name].partition(":")
-        assert module == "fastcal.train.demo" and callable(getattr(demo, function))
+        assert module == "fastcal.runs.demo.prompt_tuning" and callable(getattr(demo, function))

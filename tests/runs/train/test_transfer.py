@@ -1,9 +1,9 @@
-"""fastcal.train.transfer: the class groups a saved prompt is evaluated on."""
+"""fastcal.runs.train.transfer: the class groups a saved prompt is evaluated on."""
 
 import pytest
 
 from fastcal.data.testbed import digits_splits
-from fastcal.train.transfer import target_groups
+from fastcal.runs.train.transfer import target_groups
 
 
 def test_target_groups_base_new_and_all():

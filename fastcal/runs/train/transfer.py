@@ -26,8 +26,9 @@ import torch
 from fastcal._checks import check_choice, fail
 from fastcal.data.items import DatasetSplits
 from fastcal.models.clip import LoadedClip
-from fastcal.train.data import EvalGroup
-from fastcal.train.loop import load_prompt, prompt_metadata, report_groups
+from fastcal.runs.predictions import predictions_path
+from fastcal.runs.train.data import EvalGroup
+from fastcal.runs.train.loop import load_prompt, prompt_metadata, report_groups
 
 TESTBED_TARGETS = ("testbed", "testbed_shifted")
 GROUP_CHOICES = ("auto", "base", "new", "base_new", "all")
@@ -45,7 +46,7 @@ def load_saved_clip(metadata: dict[str, Any], *, cache_dir: str | os.PathLike | 
         clip = load_testbed_clip(cache_dir=cache, progress=False)
     else:
         from fastcal.models import load_clip
-        from fastcal.train.config import RANDOM_INIT
+        from fastcal.runs.train.config import RANDOM_INIT
 
         pretrained = None if model["pretrained"] == RANDOM_INIT else model["pretrained"]
         clip = load_clip(model["name"], pretrained, precision=metadata["config"].get("precision", "fp32"))
@@ -90,7 +91,8 @@ def evaluate_saved_prompt(
     """Reports ``{target: {group: report, "hm": ...}}`` of the prompt saved in ``run``.
 
     ``targets``: ``(name, splits, groups)`` with ``groups`` one of ``base``, ``new``, ``base_new``,
-    ``all``. Diagrams go to ``output/reliability_<target>_<group>.png`` when ``output`` is given.
+    ``all``. Diagrams go to ``output/reliability_<target>_<group>.png`` and predictions to
+    ``output/predictions/<target>_<group>.npz`` when ``output`` is given.
     """
     metadata = prompt_metadata(run)
     model_key = None
@@ -108,12 +110,15 @@ def evaluate_saved_prompt(
     for name, splits, groups in targets:
         if not splits.test:
             raise fail("targets", f"a test split in {name}", "an empty one")
-        diagram = None
+        diagram = predictions = None
         if output is not None:
 
             def diagram(group: str, target: str = name) -> tuple[Path, str]:
                 title = f"{metadata['method']} prompt on {target}, {group} classes"
                 return Path(output) / f"reliability_{target}_{group}.png", title
+
+            def predictions(group: str, target: str = name) -> Path:
+                return predictions_path(output, f"{target}_{group}")
 
         results["targets"][name] = report_groups(
             method,
@@ -121,6 +126,8 @@ def evaluate_saved_prompt(
             target_groups(splits, groups),
             n_bins=n_bins,
             diagram=diagram,
+            predictions=predictions,
+            templates=splits.templates,
             device=device,
             batch_size=batch_size,
             cache_dir=cache_dir,

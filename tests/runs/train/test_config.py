@@ -4,7 +4,8 @@ overrides, typed parsing of command-line strings, and clear errors."""
 import pytest
 
 from fastcal.methods.base import get_method
-from fastcal.train.config import TrainConfig, coerce, parse_scalar
+from fastcal.runs.options import coerce, parse_scalar
+from fastcal.runs.train.config import TrainConfig
 
 
 def test_precedence_recipe_yaml_overrides(tmp_path):
@@ -40,7 +41,7 @@ def test_command_line_strings_are_typed():
         {
             "lr": "1e-3",
             "epochs": "7",
-            "ctx_init": "none",
+            "ctx_init": None,
             "class_specific": "true",
             "regularizers": "dor,kgcoop",
             "regularizer_options": "{dor: {weight: 2, mode: far}}",
@@ -63,7 +64,7 @@ def test_command_line_strings_are_typed():
 @pytest.mark.parametrize(
     ("values", "match"),
     [
-        ({"lrr": 0.1}, "config key"),
+        ({"lrr": 0.1}, "setting: expected one of"),
         ({"lr": "fast"}, "lr: expected a number"),
         ({"epochs": 2.5}, "epochs: expected an integer"),
         ({"class_specific": "maybe"}, "class_specific: expected true or false"),

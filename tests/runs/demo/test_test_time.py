@@ -1,27 +1,19 @@
 """The ``fastcal demo`` stage of TPT, C-TPT and FPP + C-TPT, shrunk to a few samples."""
 
-from types import SimpleNamespace
-
-from fastcal.cli.demo import check_row, format_table
 from fastcal.models.clip import LoadedClip
-from fastcal.tpt import demo
-from fastcal.tpt.fpp import FPPConfig
+from fastcal.runs.demo import DemoContext
+from fastcal.runs.demo import test_time as demo
+from fastcal.runs.rows import check_row, format_table
 
 
-def test_demo_stage_rows(tiny_clip, tmp_path, monkeypatch, cache_dir):
+def test_demo_stage_rows(random_testbed, synthetic_splits, tmp_path, monkeypatch, cache_dir):
     monkeypatch.setattr(demo, "DEMO_SAMPLES", 3)
     monkeypatch.setattr(demo, "DEMO_VIEWS", 16)
-    monkeypatch.setattr(demo, "FPP_DEMO", FPPConfig(steps=2, flatness_weight=1.25))
-    model, tokenizer = tiny_clip
-    ctx = SimpleNamespace(
-        clip=LoadedClip(model, tokenizer, None, None),
-        output=tmp_path,
-        seed=0,
-        n_bins=15,
-        progress=False,
-        figures=[],
-    )
-    rows = [check_row("tpt", row) for row in demo.demo_stage(ctx)]
+    monkeypatch.setattr(demo, "DEMO_FPP_STEPS", 2)
+    model, tokenizer = random_testbed
+    clip = LoadedClip(model, tokenizer, None, None)
+    ctx = DemoContext(tmp_path, clip, synthetic_splits, cache_dir, progress=False)
+    rows = [check_row("tpt", row) for row in demo.test_time_stage(ctx)]
     assert [r["method"] for r in rows] == [
         "zero-shot (hard prompt, same samples)",
         "TPT",

@@ -1,30 +1,32 @@
 """``fastcal demo`` stages of the prompt-tuning methods on the embedded testbed.
 
 Each stage trains one method (16 shots of the base digits, the method's testbed schedule:
-``MethodSpec.testbed_recipe`` over its published recipe) with ``fastcal.train.train`` into
+``MethodSpec.testbed_recipe`` over its published recipe) with ``fastcal.runs.train.train`` into
 ``<demo output>/runs/<stage>`` (results.json, reliability diagrams, prompt.pt) and returns one table row
-with its base and new calibration reports (the demo's context protocol is in ``fastcal.cli.demo``).
+with its base and new calibration reports (the demo's context is ``fastcal.runs.demo.DemoContext``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+
+from fastcal.runs.demo import DemoContext
+from fastcal.runs.rows import Row
 
 SECTION = "prompt tuning (16 shots, train base, test base and new)"
 
 
 def run_stage(
-    ctx: Any,
+    ctx: DemoContext,
     stage: str,
     method: str,
     loss: str = "ce",
     title: str | None = None,
     regularizers: tuple[str, ...] = (),
-) -> list[dict[str, Any]]:
+) -> list[Row]:
     """Train ``method`` with ``loss`` (and extra ``regularizers``) on the testbed and return its row."""
     from fastcal.methods.base import get_method
-    from fastcal.train import TrainConfig, train
+    from fastcal.runs.train import TrainConfig, train
 
     output = Path(ctx.output) / "runs" / stage
     config = TrainConfig(
@@ -65,19 +67,19 @@ def run_stage(
     ]
 
 
-def coop_stage(ctx: Any) -> list[dict[str, Any]]:
+def coop_stage(ctx: DemoContext) -> list[Row]:
     """CoOp, cross-entropy."""
     return run_stage(ctx, "coop", "coop")
 
 
-def coop_calibrated_stage(ctx: Any) -> list[dict[str, Any]]:
-    """CoOp with seed 000's calibrated loss."""
+def coop_calibrated_stage(ctx: DemoContext) -> list[Row]:
+    """CoOp with TCPT's calibrated loss."""
     return run_stage(ctx, "coop_calibrated", "coop", "calibrated", "CoOp + calibrated loss")
 
 
-def coop_dor_stage(ctx: Any) -> list[dict[str, Any]]:
-    """CoOp with DOR (seed 001: WordNet near-OOD outliers, lambda 8); without WordNet, a row that says
-    so (``fastcal wordnet`` sets it up)."""
+def coop_dor_stage(ctx: DemoContext) -> list[Row]:
+    """CoOp with DOR (WordNet near-OOD outliers, lambda 8); without WordNet, a row that says so
+    (``fastcal wordnet`` sets it up)."""
     from fastcal.outliers.wordnet import WordNetNotFoundError, ensure_wordnet
 
     try:
@@ -88,21 +90,21 @@ def coop_dor_stage(ctx: Any) -> list[dict[str, Any]]:
     return run_stage(ctx, "coop_dor", "coop", title="CoOp + DOR", regularizers=("dor",))
 
 
-def kgcoop_stage(ctx: Any) -> list[dict[str, Any]]:
+def kgcoop_stage(ctx: DemoContext) -> list[Row]:
     """KgCoOp (CoOp + knowledge guidance, weight 8)."""
     return run_stage(ctx, "kgcoop", "kgcoop")
 
 
-def cocoop_stage(ctx: Any) -> list[dict[str, Any]]:
+def cocoop_stage(ctx: DemoContext) -> list[Row]:
     """CoCoOp, cross-entropy."""
     return run_stage(ctx, "cocoop", "cocoop")
 
 
-def maple_stage(ctx: Any) -> list[dict[str, Any]]:
+def maple_stage(ctx: DemoContext) -> list[Row]:
     """MaPLe, cross-entropy."""
     return run_stage(ctx, "maple", "maple")
 
 
-def vpt_stage(ctx: Any) -> list[dict[str, Any]]:
+def vpt_stage(ctx: DemoContext) -> list[Row]:
     """VPT (deep), cross-entropy."""
     return run_stage(ctx, "vpt", "vpt")

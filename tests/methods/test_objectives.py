@@ -5,16 +5,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastcal import registry
 from fastcal.losses import calibrated_prompt_loss
 from fastcal.methods.base import clip_logits
-from fastcal.train.objectives import (
-    REGULARIZERS,
+from fastcal.methods.objectives import (
     KnowledgeGuidance,
     RegularizerSetup,
     StepBatch,
     build_loss,
     build_regularizers,
-    register_regularizer,
+    loss_options,
 )
 
 LOSS_CONFIG = {"margin_alpha": 0.1, "margin_beta": 0.01, "moment_weight": 5.0, "label_smoothing": 0.0}
@@ -33,9 +33,9 @@ def batch(text_shape, seed=0):
 
 def test_cross_entropy_and_label_smoothing():
     step, _ = batch((7, 13))
-    plain = build_loss({"loss": "ce", **LOSS_CONFIG})(step)
+    plain = build_loss("ce", LOSS_CONFIG)(step)
     torch.testing.assert_close(plain, F.cross_entropy(step.output.logits, step.labels))
-    smoothed = build_loss({"loss": "label_smoothing", **LOSS_CONFIG, "label_smoothing": 0.2})(step)
+    smoothed = build_loss("label_smoothing", {**LOSS_CONFIG, "label_smoothing": 0.2})(step)
     logp = step.output.logits.double().log_softmax(-1)
     target = torch.full_like(logp, 0.2 / 7).scatter_(1, step.labels[:, None], 0.8 + 0.2 / 7)
     torch.testing.assert_close(smoothed.double(), -(target * logp).sum(-1).mean())
@@ -43,7 +43,7 @@ def test_cross_entropy_and_label_smoothing():
 
 def test_calibrated_loss_is_the_fused_function():
     step, _ = batch((7, 13))
-    got = build_loss({"loss": "calibrated", **LOSS_CONFIG})(step)
+    got = build_loss("calibrated", LOSS_CONFIG)(step)
     out = step.output
     expected = calibrated_prompt_loss(
         out.image_features, out.text_features, step.labels, out.logit_scale, step.frozen_text_features
@@ -58,7 +58,7 @@ def test_per_image_calibrated_loss_reduces_to_the_shared_one():
     per_image = shared_text.detach().expand(9, -1, -1).clone().requires_grad_()
     out = clip_logits(shared_step.output.image_features, per_image, torch.tensor(2.5, dtype=torch.float64))
     step = StepBatch(out, shared_step.labels, None, shared_step.frozen_text_features, 0)
-    loss = build_loss({"loss": "calibrated", **LOSS_CONFIG, "label_smoothing": 0.1})
+    loss = build_loss("calibrated", {**LOSS_CONFIG, "label_smoothing": 0.1})
     got, expected = loss(step), loss(shared_step)
     torch.testing.assert_close(got.double(), expected.double(), atol=1e-10, rtol=1e-10)
     got.backward()
@@ -95,17 +95,24 @@ def test_knowledge_guidance_is_kgcoops_score():
         KnowledgeGuidance(setup_for({"lambda": 1.0}, {}))
 
 
-def test_regularizer_registry(monkeypatch):
-    monkeypatch.setattr("fastcal.train.objectives.REGULARIZERS", dict(REGULARIZERS))
-    register_regularizer("scaled", lambda setup: ("built", setup.name))
-    built = build_regularizers(
-        ["kgcoop", "scaled", "kgcoop"], lambda name: setup_for({}, {"kgcoop_weight": 1.0})
-    )
+def test_regularizers_and_losses_come_from_the_registry():
+    registry.register("regularizer", "scaled", lambda setup: ("built", setup.name))
+    try:
+        built = build_regularizers(
+            ["kgcoop", "scaled", "kgcoop"], lambda name: setup_for({}, {"kgcoop_weight": 1.0})
+        )
+    finally:
+        registry.unregister("regularizer", "scaled")
     assert isinstance(built[0], KnowledgeGuidance) and built[1] == ("built", "kgcoop") and len(built) == 2
-    with pytest.raises(ValueError, match="regularizers"):
+    with pytest.raises(ValueError, match="regularizers: expected one of kgcoop, dor"):
         build_regularizers(["nope"], lambda name: None)
-    with pytest.raises(ValueError, match="factory"):
-        register_regularizer("bad", 3)
+    with pytest.raises(ValueError, match="loss: expected one of ce, calibrated, label_smoothing"):
+        build_loss("nope", LOSS_CONFIG)
+    with pytest.raises(ValueError, match="spec: expected an object or a 'module:attribute'"):
+        registry.register("loss", "bad", "no_colon")
+    # unset options take the loss's defaults: 0.1 smoothing for the label_smoothing loss, 0 for CE
+    assert loss_options("label_smoothing", {"label_smoothing": None}) == {"label_smoothing": 0.1}
+    assert loss_options("ce", {}) == {"label_smoothing": 0.0}
 
 
 def test_a_zero_weight_regularizer_is_left_out_and_a_zero_moment_weight_skips_the_moments(monkeypatch):
@@ -121,7 +128,7 @@ def test_a_zero_weight_regularizer_is_left_out_and_a_zero_moment_weight_skips_th
         return real(*args, **kwargs)
 
     monkeypatch.setattr(LF, "calibrated_prompt_loss", spy)
-    without = build_loss({"loss": "calibrated", **LOSS_CONFIG, "moment_weight": 0.0})(step)
+    without = build_loss("calibrated", {**LOSS_CONFIG, "moment_weight": 0.0})(step)
     assert calls == [None]  # no frozen features: the fused op computes no moment statistics
     out = step.output
     want = calibrated_prompt_loss(

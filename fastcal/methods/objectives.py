@@ -1,30 +1,31 @@
-"""The training objective: one loss (a config choice) plus any number of regularizers.
+"""The training objective of a prompt method: one loss plus any number of regularizers.
 
     L = loss(batch) + sum_r regularizer_r(batch)
 
 Every term reads the same ``StepBatch`` (the method's output, the labels, the frozen zero-shot class
-features of the training classes, the method itself, the epoch), so a regularizer plugs in without a
-new method file: name it in the config (``regularizers: [dor]``) and register its factory
-(``register_regularizer(name, factory)``, or an entry ``"name": "module:factory"`` in ``REGULARIZERS``,
-imported on first use). A factory gets a
-``RegularizerSetup`` and returns an object with ``__call__(batch) -> Tensor`` (the weighted term),
-``on_epoch_start(epoch)`` (e.g. resampling outliers, reproducibly per epoch), and ``state_dict()`` /
-``load_state_dict(state)`` for exact resumption.
+features of the training classes, the method itself, the epoch), so a loss or a regularizer plugs in
+without a new method file. Both are entries of ``fastcal.registry``:
+
+- a loss is a ``LossSpec`` (kind ``"loss"``): its name, the settings it reads (``options``) and
+  ``build(options) -> loss(batch)``;
+- a regularizer is a factory (kind ``"regularizer"``) that takes a ``RegularizerSetup`` and returns an
+  object with ``__call__(batch) -> Tensor`` (the weighted term), ``on_epoch_start(epoch)`` (e.g.
+  resampling outliers, reproducibly per epoch), and ``state_dict()`` / ``load_state_dict(state)`` for
+  exact resumption.
 
 Losses (all from ``fastcal.losses``):
 
 - ``"ce"``: cross-entropy on the method's logits.
 - ``"label_smoothing"``: cross-entropy against ``(1 - eps) onehot + eps / C``.
-- ``"calibrated"``: seed 000's ``CalibratedPromptLoss`` (TCPT, CVPR 2026; ashshaksharifdeen/TCPT): CE +
-  a margin regularizer ``-alpha mean(m) + beta Var(m)`` on the logit margins + ``w`` x the gap between
-  the first two moments of the tuned and frozen class features, fused. With one classifier per image
-  (CoCoOp), which the fused function does not take, the same terms are composed on the logits and the
-  moment gap is averaged over the images' classifiers (``_per_image_calibrated``).
+- ``"calibrated"``: TCPT's ``CalibratedPromptLoss`` (CVPR 2026; ashshaksharifdeen/TCPT): CE + a margin
+  regularizer ``-alpha mean(m) + beta Var(m)`` on the logit margins + ``w`` x the gap between the first
+  two moments of the tuned and frozen class features, fused. With one classifier per image (CoCoOp),
+  which the fused function does not take, the same terms are composed on the logits and the moment gap
+  is averaged over the images' classifiers (``_per_image_calibrated``).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,14 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcal._checks import check_choice, fail
+from fastcal import registry
+from fastcal._checks import fail
 from fastcal.methods.base import MethodOutput, PromptMethod
 
-# name -> factory (a callable or "module:factory", imported on first use); factories take a RegularizerSetup.
-REGULARIZERS: dict[str, Any] = {
-    "kgcoop": "fastcal.train.objectives:KnowledgeGuidance",
-    "dor": "fastcal.outliers.dor:build_dor",
-}
+DEFAULT_LABEL_SMOOTHING = 0.1
 
 
 @dataclass
@@ -149,27 +147,14 @@ class KnowledgeGuidance(StatelessRegularizer):
         return 0.5 * self.weight * kgcoop_loss(tuned, frozen)
 
 
-def register_regularizer(name: str, factory: str | Callable[[RegularizerSetup], Regularizer]) -> None:
-    """Make ``name`` usable in ``config.regularizers``: ``factory`` is a callable or ``"module:attr"``."""
-    if not isinstance(name, str) or not name:
-        raise fail("name", "a non-empty string", repr(name))
-    if not callable(factory) and not (isinstance(factory, str) and ":" in factory):
-        raise fail("factory", "a callable or a 'module:attribute' string", repr(factory))
-    REGULARIZERS[name] = factory
-
-
 def build_regularizers(
     names: Sequence[str], make_setup: Callable[[str], RegularizerSetup]
 ) -> list[Regularizer]:
-    """Instantiate the named regularizers (in order, duplicates dropped) from ``REGULARIZERS``; one whose
+    """Instantiate the named regularizers (in order, duplicates dropped) from the registry; one whose
     ``weight`` is 0 adds nothing and is left out rather than computed at every step."""
     built = []
     for name in dict.fromkeys(names):
-        check_choice("regularizers", name, REGULARIZERS)
-        factory = REGULARIZERS[name]
-        if isinstance(factory, str):
-            module_name, _, attr = factory.partition(":")
-            factory = getattr(importlib.import_module(module_name), attr)
+        factory = registry.get("regularizer", name, argument="regularizers")
         regularizer = factory(make_setup(name))
         if getattr(regularizer, "weight", None) != 0:
             built.append(regularizer)
@@ -193,7 +178,7 @@ class CrossEntropy:
 
 
 class CalibratedLoss:
-    """Seed 000's calibrated loss (module docstring) on the method's normalized features."""
+    """TCPT's calibrated loss (module docstring) on the method's normalized features."""
 
     def __init__(
         self, *, margin_alpha: float, margin_beta: float, moment_weight: float, label_smoothing: float
@@ -251,17 +236,60 @@ def _per_image_calibrated(
     return total
 
 
-def build_loss(config: Mapping[str, Any]) -> Callable[[StepBatch], torch.Tensor]:
-    """The loss named by ``config["loss"]`` with its parameters from the config."""
-    from fastcal.train.config import LOSSES
+@dataclass(frozen=True)
+class LossSpec:
+    """A loss as runs choose it by name (``fastcal.registry`` kind ``"loss"``).
 
-    name = check_choice("loss", config["loss"], LOSSES)
-    smoothing = float(config.get("label_smoothing") or 0.0)
-    if name == "calibrated":
-        return CalibratedLoss(
-            margin_alpha=config["margin_alpha"],
-            margin_beta=config["margin_beta"],
-            moment_weight=config["moment_weight"],
-            label_smoothing=smoothing,
-        )
-    return CrossEntropy(smoothing)
+    Attributes:
+        name: the ``--loss`` name.
+        options: the settings ``build`` reads (fields of the run's config).
+        build: ``build(options) -> loss``, ``loss(batch: StepBatch) -> Tensor``.
+        defaults: values for the options a run leaves unset (``None``).
+        title: how tables name the loss.
+    """
+
+    name: str
+    options: tuple[str, ...]
+    build: Callable[[Mapping[str, Any]], Callable[[StepBatch], torch.Tensor]]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    title: str = ""
+
+
+CROSS_ENTROPY = LossSpec(
+    "ce",
+    ("label_smoothing",),
+    lambda options: CrossEntropy(options["label_smoothing"]),
+    {"label_smoothing": 0.0},
+    "cross-entropy",
+)
+LABEL_SMOOTHING = LossSpec(
+    "label_smoothing",
+    ("label_smoothing",),
+    lambda options: CrossEntropy(options["label_smoothing"]),
+    {"label_smoothing": DEFAULT_LABEL_SMOOTHING},
+    "label smoothing",
+)
+CALIBRATED = LossSpec(
+    "calibrated",
+    ("margin_alpha", "margin_beta", "moment_weight", "label_smoothing"),
+    lambda options: CalibratedLoss(
+        margin_alpha=options["margin_alpha"],
+        margin_beta=options["margin_beta"],
+        moment_weight=options["moment_weight"],
+        label_smoothing=options["label_smoothing"],
+    ),
+    {"label_smoothing": 0.0},
+    "calibrated loss",
+)
+
+
+def loss_options(name: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of loss ``name`` taken from ``settings``, its defaults where they are ``None``."""
+    spec = registry.get("loss", name, argument="loss")
+    values = {key: settings.get(key) for key in spec.options}
+    return {key: spec.defaults.get(key) if value is None else value for key, value in values.items()}
+
+
+def build_loss(name: str, settings: Mapping[str, Any]) -> Callable[[StepBatch], torch.Tensor]:
+    """The loss ``name`` (a registry entry) with its options taken from ``settings``."""
+    return registry.get("loss", name, argument="loss").build(loss_options(name, settings))

@@ -4,14 +4,16 @@ the few-shot / base-to-new data, exact resumption, the run folder, and cached fe
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from fastcal import registry
 from fastcal.data.protocols import base_new_split
-from fastcal.train import TrainConfig, load_prompt, predict, train
-from fastcal.train.data import epoch_batches, run_data
-from fastcal.train.loop import CHECKPOINT_NAME, PROMPT_NAME, RESULTS_NAME, learning_rate_factor
-from fastcal.train.objectives import REGULARIZERS, StatelessRegularizer
+from fastcal.methods.objectives import StatelessRegularizer
+from fastcal.runs.train import TrainConfig, load_prompt, predict, train
+from fastcal.runs.train.data import epoch_batches, run_data
+from fastcal.runs.train.loop import CHECKPOINT_NAME, PROMPT_NAME, RESULTS_NAME, learning_rate_factor
 
 
 def config(tmp_path, name="run", **values):
@@ -111,15 +113,15 @@ class CountingRegularizer(StatelessRegularizer):
 
 
 @pytest.fixture
-def counting(monkeypatch):
+def counting():
     created = []
 
     def factory(setup):
         created.append(CountingRegularizer(setup))
         return created[-1]
 
-    monkeypatch.setitem(REGULARIZERS, "counting", factory)
-    return created
+    with registry.registered("regularizer", "counting", factory):
+        yield created
 
 
 @pytest.mark.parametrize(
@@ -169,7 +171,7 @@ def test_run_folder_and_saved_prompt(tmp_path, tiny_clip, synthetic_splits):
 
     method = load_prompt(folder, tiny_clip)
     new_group = run_data(synthetic_splits, shots=4, seed=1, protocol="base2new").groups[1]
-    probs, labels = predict(
+    logits, labels, _ = predict(
         method,
         tiny_clip,
         new_group.items,
@@ -177,8 +179,12 @@ def test_run_folder_and_saved_prompt(tmp_path, tiny_clip, synthetic_splits):
         device=torch.device("cpu"),
         cache_dir=cfg.cache_dir,
     )
-    accuracy = float((probs.argmax(1) == labels).double().mean())
+    accuracy = float((logits.argmax(1) == labels).double().mean())
     assert math.isclose(accuracy, on_disk["new"]["accuracy"], rel_tol=1e-12)
+    saved = np.load(folder / "predictions" / "new.npz")
+    torch.testing.assert_close(torch.from_numpy(saved["logits"]), logits, rtol=0, atol=0)
+    assert saved["classnames"].tolist() == new_group.classnames and float(saved["temperature"]) == 1.0
+    assert saved["zeroshot_text_features"].shape[0] == len(new_group.classnames)
 
 
 def test_frozen_image_encoder_reads_cached_features(tmp_path, tiny_clip, synthetic_splits):
@@ -239,12 +245,12 @@ def test_sixteen_shots_of_the_testbed_base_classes():
     assert [g.classnames for g in data.groups][1] == ["five", "six", "seven", "eight", "nine"]
 
 
-def test_a_non_finite_epoch_loss_stops_the_run(tmp_path, tiny_clip, synthetic_splits, monkeypatch):
+def test_a_non_finite_epoch_loss_stops_the_run(tmp_path, tiny_clip, synthetic_splits):
     class NanRegularizer(CountingRegularizer):
         def __call__(self, batch):
             return super().__call__(batch) * float("nan")
 
-    monkeypatch.setitem(REGULARIZERS, "nan", NanRegularizer)
-    run = config(tmp_path, "nan", method="coop", loss="calibrated", regularizers=["nan"])
-    with pytest.raises(FloatingPointError, match="epoch 1: expected a finite training loss, got nan"):
-        train(run, clip=tiny_clip, splits=synthetic_splits)
+    with registry.registered("regularizer", "nan", NanRegularizer):
+        run = config(tmp_path, "nan", method="coop", loss="calibrated", regularizers=["nan"])
+        with pytest.raises(FloatingPointError, match="epoch 1: expected a finite training loss, got nan"):
+            train(run, clip=tiny_clip, splits=synthetic_splits)

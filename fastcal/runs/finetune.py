@@ -1,6 +1,4 @@
-"""Whole runs: data and backbone set-up, fine-tuning with checkpoints, evaluation, results.json;
-and the WiSE-FT sweep over a finished run. The ``fastcal finetune`` / ``fastcal wise`` commands and the
-demo stage are thin wrappers around ``run_finetune`` and ``run_wise``.
+"""Robust fine-tuning runs (``fastcal finetune``) and WiSE-FT sweeps over them (``fastcal wise``).
 
 Data (``FinetuneData``):
 
@@ -14,14 +12,18 @@ Data (``FinetuneData``):
   datasets under the same root (ImageNet's default: ImageNet-V2, -R, -A, -Sketch and ObjectNet, each
   used where present).
 
-Output folder of ``run_finetune``: ``results.json`` (``{"id", "ood", "config"}``), ``model.safetensors``
-(the fine-tuned CLIP's state dict; FT also writes ``head.safetensors``), ``checkpoint.safetensors`` (for
+The method comes from ``fastcal.registry`` (kind ``"finetune_method"``: FT, FLYP, CaRot), its
+hyperparameters from its published recipe (or its testbed schedule without a dataset) under the ones
+the settings give. Run folder of ``run_finetune``: ``run.json``, ``results.json`` (``{"id", "ood",
+"config"}``), ``predictions/<set>.npz`` for the ID test set and each OOD set, ``model.safetensors`` (the
+fine-tuned CLIP's state dict; FT also writes ``head.safetensors``), ``checkpoint.safetensors`` (for
 ``resume``), ``train_log.jsonl`` and ``reliability/<set>.png`` (and ``<set>_ts.png`` after temperature
 scaling).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -33,21 +35,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastcal._checks import check_int, fail
+from fastcal import registry
+from fastcal._checks import check_choice, check_device, check_int, fail
 from fastcal._io import canonical_json, load_tensors, save_tensors, write_json_atomic
 from fastcal.data.items import Item
-from fastcal.finetune.config import ECE_BINS, PUBLISHED_SOURCES, WISE_ALPHA, FinetuneConfig
-from fastcal.finetune.distributed import DistributedContext, barrier
+from fastcal.data.registry import DATASETS
+from fastcal.finetune.config import ECE_BINS, PUBLISHED_MODEL, WISE_ALPHA, FinetuneConfig
+from fastcal.finetune.distributed import DistributedContext, barrier, init_distributed
 from fastcal.finetune.evaluate import (
     EvalSet,
     FigureHook,
+    PredictionsHook,
     clip_classifier,
     diagram_writer,
     evaluate,
     head_classifier,
 )
+from fastcal.metrics.functional import MAX_BINS
 from fastcal.models.fingerprint import model_fingerprint
-from fastcal.runs.folder import RunFolder, hold_run_folder, run_kind
+from fastcal.runs.folder import RunFolder, check_run_folder, hold_run_folder, run_kind
+from fastcal.runs.options import Settings, setting
+from fastcal.runs.predictions import predictions_path, save_predictions
 
 TESTBED = "testbed"
 TESTBED_MODEL = "fastcal-testbed"
@@ -232,44 +240,6 @@ def load_backbone(
 
 
 # ---- fine-tuning --------------------------------------------------------------------------------------
-def build_method(
-    config: FinetuneConfig,
-    model: nn.Module,
-    tokenizer: Any,
-    data: FinetuneData,
-    *,
-    context: DistributedContext,
-    cache_dir: str | os.PathLike | None = None,
-):
-    """The method object of ``config.method`` for ``Finetuner``."""
-    rank, world_size = context.rank, context.world_size
-    if config.method == "ft":
-        from fastcal.finetune.ft import FtMethod
-        from fastcal.models.cache import class_text_features
-
-        features = class_text_features(model, tokenizer, data.classnames, data.templates, cache_dir=cache_dir)
-        return FtMethod(model, features, label_smoothing=config.label_smoothing)
-    if config.method == "flyp":
-        from fastcal.finetune.flyp import FlypMethod
-
-        return FlypMethod(model, label_smoothing=config.label_smoothing, rank=rank, world_size=world_size)
-    from fastcal.finetune.carot import CarotMethod
-
-    return CarotMethod(
-        model,
-        label_smoothing=config.label_smoothing,
-        distill_weight=config.distill_weight,
-        teacher_update_every=config.teacher_update_every,
-        momentum_start=config.momentum_start,
-        momentum_end=config.momentum_end,
-        momentum_warmup_fraction=config.momentum_warmup_fraction,
-        cross_modal_weight=config.cross_modal_weight,
-        orthogonality_weight=config.orthogonality_weight,
-        rank=rank,
-        world_size=world_size,
-    )
-
-
 def classifier_factory(
     model: nn.Module,
     tokenizer: Any,
@@ -300,43 +270,141 @@ def _model_key(run_key: dict[str, Any], what: str) -> dict[str, Any]:
     return {"kind": f"fastcal_finetuned_{what}", "format": 1, "run": run_key}
 
 
+@dataclass
+class FinetuneRunConfig(Settings):
+    """The settings of a fine-tuning run; unset hyperparameters come from the method's recipe."""
+
+    method: str | None = setting(
+        None, help="fine-tuning method: " + ", ".join(registry.names("finetune_method"))
+    )
+    dataset: str | None = setting(None, help="a fastcal dataset name (unset: the embedded testbed)")
+    root: str | None = setting(None, help="the folder holding the datasets")
+    output: str | None = setting(None, help="the run folder")
+    ood: list[str] | None = setting(None, help="OOD datasets, comma-separated (unset: the dataset's own)")
+    heldout: int | None = setting(None, help="held-out train images for temperature scaling")
+    model: str | None = setting(None, help="open_clip architecture (unset: ViT-B-16, or the testbed's)")
+    pretrained: str | None = setting(
+        None, help="pretrained tag or checkpoint file; 'none': random initialization (unset: openai)"
+    )
+    learning_rate: float | None = setting(None, help="peak learning rate", flags=("--lr",))
+    weight_decay: float | None = setting(None, help="AdamW weight decay")
+    batch_size: int | None = setting(None, help="global batch over all processes")
+    epochs: int | None = setting(None, help="passes over the training images")
+    max_steps: int | None = setting(None, help="stop after this many steps")
+    warmup_steps: int | None = setting(None, help="linear warm-up steps")
+    label_smoothing: float | None = setting(None, help="label smoothing epsilon")
+    grad_clip_norm: float | None = setting(None, help="clip the gradient norm", flags=("--grad-clip",))
+    distill_weight: float | None = setting(None, help="CaRot's lambda (paper normalization)")
+    teacher_update_every: int | None = setting(None, help="CaRot's EMA interval (steps)")
+    cross_modal_weight: float | None = setting(None, help="CaRot's ||W_v W_t^T||_F weight")
+    orthogonality_weight: float | None = setting(None, help="CaRot's ||W_v^T W_v - I||_F weight")
+    seed: int | None = setting(None, help="data order, augmentations and caption draws")
+    precision: str | None = setting(None, help="autocast precision: fp32, bf16 or fp16")
+    grad_checkpointing: bool | None = setting(None, help="recompute blocks in the backward pass")
+    device: str = setting("auto", help="auto (CUDA when available), cpu or cuda")
+    num_workers: int | None = setting(
+        None, help="data-loading workers (unset: 8, or 0 on the testbed)", flags=("--workers",)
+    )
+    n_bins: int = setting(ECE_BINS, help="ECE bins (CaRot reports 10)")
+    eval_batch_size: int = setting(256, help="evaluation batch size")
+    checkpoint_every: int = setting(1000, help="steps between checkpoints")
+    log_every: int = setting(50, help="steps between log lines")
+    diagrams: bool = setting(True, help="reliability diagrams", negative="--no-diagrams")
+    keep_checkpoint: bool = setting(
+        True, help="keep checkpoint.safetensors once the run is done (--resume re-evaluates from it)"
+    )
+    resume: bool = setting(False, help="continue from the output folder's checkpoint")
+    overwrite: bool = setting(False, help="replace the run --output holds (its files are removed)")
+    progress: bool = setting(True, help="progress bars", negative="--quiet")
+
+    def validate(self) -> FinetuneRunConfig:
+        if self.method is None:
+            raise fail("method", "one of " + ", ".join(registry.names("finetune_method")), "none")
+        registry.get("finetune_method", self.method, argument="method")
+        if self.dataset is not None:
+            check_choice("dataset", self.dataset, DATASETS)
+            if self.root is None:
+                raise fail("root", "the datasets folder with --dataset", "none")
+        elif self.root is not None or self.ood is not None or self.heldout is not None:
+            raise fail(
+                "root", "no --root, --ood or --heldout without --dataset (the testbed has its data)", "some"
+            )
+        for name in ("eval_batch_size", "checkpoint_every", "log_every"):
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("n_bins", self.n_bins, minimum=1, maximum=MAX_BINS)
+        if self.num_workers is not None:
+            check_int("num_workers", self.num_workers, minimum=0)
+        if self.heldout is not None:
+            check_int("heldout", self.heldout, minimum=1)
+        check_device("device", self.device)
+        if self.model not in (None, TESTBED_MODEL) and not self.model.startswith(("local-dir:", "hf-hub:")):
+            import open_clip
+
+            if open_clip.get_model_config(self.model.replace("/", "-")) is None:
+                raise fail("model", f"an open_clip architecture or {TESTBED_MODEL!r}", repr(self.model))
+        self.hyperparameters()  # FinetuneConfig's own checks
+        return self
+
+    def hyperparameters(self) -> FinetuneConfig:
+        """The method's recipe (its testbed schedule without a dataset) under the values given here."""
+        spec = registry.get("finetune_method", self.method)
+        recipe = spec.testbed if self.dataset is None else spec.published
+        names = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"method"}
+        return recipe.replace(**{name: getattr(self, name) for name in names if hasattr(self, name)})
+
+    def backbone(self) -> tuple[str, str | None]:
+        """(model, pretrained): the testbed's CLIP or the published ViT-B/16 unless given."""
+        if self.model is None:
+            model, pretrained = (TESTBED_MODEL, None) if self.dataset is None else PUBLISHED_MODEL
+        else:
+            model, pretrained = self.model, None
+        return model, self.pretrained if self.pretrained is not None else pretrained
+
+
 def run_finetune(
-    config: FinetuneConfig,
-    data: FinetuneData,
-    backbone: Any,
-    output: str | os.PathLike,
+    settings: FinetuneRunConfig,
     *,
-    model_name: str,
-    pretrained: str | None,
-    context: DistributedContext | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    num_workers: int = 0,
-    eval_batch_size: int = 256,
-    checkpoint_every: int | None = None,
-    log_every: int = 50,
-    n_bins: int = ECE_BINS,
-    diagrams: bool = True,
+    data: FinetuneData | None = None,
+    backbone: Any = None,
     figure: FigureHook | None = None,
-    progress: bool = True,
     cache_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune ``backbone`` (a ``LoadedClip``) with ``config`` on ``data``, evaluate, write ``output``.
+    """Fine-tune and evaluate into the run folder ``settings.output``; returns the results.
 
-    The main process holds ``output`` (``fastcal.runs.folder.RunFolder``): with ``resume`` the run it
-    holds is continued from its checkpoint (a finished run is only re-evaluated), with ``overwrite`` it
-    is replaced, and without either a folder holding a run is an error. ``figure`` replaces the
-    reliability diagrams of ``diagrams`` (``fastcal.finetune.evaluate.evaluate``). Returns the results.
+    The main process holds the folder (``fastcal.runs.folder``): with ``resume`` the run it holds is
+    continued from its checkpoint (a finished run is only re-evaluated), with ``overwrite`` it is
+    replaced, and without either a folder holding a run is an error. ``data`` and ``backbone`` (a
+    ``LoadedClip``): already loaded ones (default: from the settings; under ``torchrun`` every rank
+    loads its own); ``figure`` replaces the reliability diagrams
+    (``fastcal.finetune.evaluate.evaluate``).
     """
-
-    output = Path(output)
-    context = context or DistributedContext(device=backbone.model.logit_scale.device)
-    model = backbone.model
+    if settings.output is None:
+        raise fail("output", "a run folder", "none")
+    config = settings.hyperparameters()
+    output = check_run_folder(
+        settings.output, kind="finetune", resume=settings.resume, overwrite=settings.overwrite
+    )
+    model_name, pretrained = settings.backbone()
+    if backbone is None:
+        context = init_distributed(check_device("device", settings.device))
+        progress = settings.progress and context.is_main
+        backbone = load_backbone(
+            model_name, pretrained, device=context.device, seed=config.seed, progress=progress
+        )
+    else:
+        context = DistributedContext(device=backbone.model.logit_scale.device)
+    if data is None:
+        if settings.dataset is None:
+            data = testbed_data()
+        else:
+            data = dataset_data(
+                settings.dataset, settings.root, ood=settings.ood, heldout=settings.heldout, seed=config.seed
+            )
     run_key = {
         "finetune": config.to_dict(),
         "model": model_name,
         "pretrained": pretrained,
-        "backbone_fingerprint": model_fingerprint(model),
+        "backbone_fingerprint": model_fingerprint(backbone.model),
         "data": data.source,
     }
 
@@ -352,44 +420,20 @@ def run_finetune(
                 "other settings; use another --output, or --overwrite to replace that run",
             )
 
-    with hold_run_folder(output, kind="finetune", resume=resume, overwrite=overwrite, prepare=prepare):
-        return _run_finetune(
-            config,
-            data,
-            backbone,
-            output,
-            run_key,
-            context=context,
-            resume=resume,
-            num_workers=num_workers,
-            eval_batch_size=eval_batch_size,
-            checkpoint_every=checkpoint_every,
-            log_every=log_every,
-            n_bins=n_bins,
-            diagrams=diagrams,
-            figure=figure,
-            progress=progress,
-            cache_dir=cache_dir,
-        )
+    rules = {"resume": settings.resume, "overwrite": settings.overwrite}
+    with hold_run_folder(output, kind="finetune", prepare=prepare, **rules):
+        return _run_finetune(config, settings, data, backbone, output, run_key, context, figure, cache_dir)
 
 
 def _run_finetune(
     config: FinetuneConfig,
+    settings: FinetuneRunConfig,
     data: FinetuneData,
     backbone: Any,
     output: Path,
     run_key: dict[str, Any],
-    *,
     context: DistributedContext,
-    resume: bool,
-    num_workers: int,
-    eval_batch_size: int,
-    checkpoint_every: int | None,
-    log_every: int,
-    n_bins: int,
-    diagrams: bool,
     figure: FigureHook | None,
-    progress: bool,
     cache_dir: str | os.PathLike | None,
 ) -> dict[str, Any]:
     from fastcal.finetune.data import TrainingViews
@@ -398,11 +442,25 @@ def _run_finetune(
 
     model, tokenizer = backbone.model, backbone.tokenizer
     checkpoint = output / CHECKPOINT_FILE
-    method = build_method(config, model, tokenizer, data, context=context, cache_dir=cache_dir)
+    spec = registry.get("finetune_method", config.method)
+    method = spec.build(
+        config,
+        model,
+        tokenizer,
+        data.classnames,
+        data.templates,
+        rank=context.rank,
+        world_size=context.world_size,
+        cache_dir=cache_dir,
+    )
     steps = total_steps(len(data.train), config)
     finetuner = Finetuner(method, config, steps, context=context)
-    if resume:
+    if settings.resume:
         finetuner.load_checkpoint(checkpoint, run_key)
+    num_workers = (
+        settings.num_workers if settings.num_workers is not None else (0 if settings.dataset is None else 8)
+    )
+    progress = settings.progress and context.is_main
     captions = CaptionSampler(tokenizer, data.classnames, data.templates) if method.uses_captions else None
     views = TrainingViews(data.train, backbone.train_transform, seed=config.seed, captions=captions)
     train(
@@ -411,9 +469,9 @@ def _run_finetune(
         num_workers=num_workers,
         checkpoint_path=checkpoint,
         checkpoint_key=run_key,
-        checkpoint_every=checkpoint_every,
+        checkpoint_every=settings.checkpoint_every,
         log_path=output / LOG_FILE,
-        log_every=log_every,
+        log_every=settings.log_every,
         progress=progress,
     )
     model.eval()
@@ -423,23 +481,21 @@ def _run_finetune(
         if head is not None:
             save_tensors(output / HEAD_FILE, dict(head.state_dict()), _model_key(run_key, "head"))
     barrier(context)
-    classifier_for = classifier_factory(
-        model, tokenizer, head=head, train_classnames=data.classnames, cache_dir=cache_dir
-    )
-    results = evaluate(
-        classifier_for,
-        data.test,
-        data.heldout,
-        data.ood,
-        backbone.eval_transform,
+    if figure is None and settings.diagrams:
+        figure = diagram_writer(output / DIAGRAMS, spec.title, n_bins=settings.n_bins)
+    results = evaluate_model(
+        backbone,
+        head,
+        data,
+        output,
         context=context,
-        n_bins=n_bins,
-        figure=figure
-        or (diagram_writer(output / DIAGRAMS, config.method.upper(), n_bins=n_bins) if diagrams else None),
-        batch_size=eval_batch_size,
+        n_bins=settings.n_bins,
+        figure=figure,
+        batch_size=settings.eval_batch_size,
         num_workers=num_workers,
         precision=config.precision,
         progress=progress,
+        cache_dir=cache_dir,
     )
     results["config"] = {
         "method": config.method,
@@ -447,12 +503,68 @@ def _run_finetune(
         "total_steps": steps,
         "train_images": len(data.train),
         "world_size": context.world_size,
-        "n_bins": n_bins,
-        "reference": PUBLISHED_SOURCES[config.method],
+        "n_bins": settings.n_bins,
+        "reference": spec.source,
     }
     if context.is_main:
         write_json_atomic(output / RESULTS, results)
+        if not settings.keep_checkpoint:
+            checkpoint.unlink(missing_ok=True)
     return results
+
+
+def evaluate_model(
+    backbone: Any,
+    head: nn.Linear | None,
+    data: FinetuneData,
+    output: Path | None,
+    *,
+    context: DistributedContext,
+    n_bins: int,
+    figure: FigureHook | None,
+    batch_size: int,
+    num_workers: int,
+    precision: str,
+    progress: bool,
+    cache_dir: str | os.PathLike | None,
+) -> dict[str, Any]:
+    """``fastcal.finetune.evaluate.evaluate`` of the backbone as it is now (with FT's ``head``) on the
+    data's ID and OOD sets; the predictions go to ``output`` (none without it)."""
+    classifier_for = classifier_factory(
+        backbone.model, backbone.tokenizer, head=head, train_classnames=data.classnames, cache_dir=cache_dir
+    )
+    return evaluate(
+        classifier_for,
+        data.test,
+        data.heldout,
+        data.ood,
+        backbone.eval_transform,
+        context=context,
+        n_bins=n_bins,
+        figure=figure,
+        predictions=None if output is None else prediction_writer(output, backbone.model),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        precision=precision,
+        progress=progress,
+    )
+
+
+def prediction_writer(output: Path, model: nn.Module) -> PredictionsHook:
+    """A ``predictions`` hook saving ``output/predictions/<set>.npz`` (``fastcal.runs.predictions``; the
+    logits in float64, as the reports are computed)."""
+    scale = float(model.logit_scale.detach().float().exp())
+
+    def write(eval_set: EvalSet, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        save_predictions(
+            predictions_path(output, eval_set.name),
+            logits.double(),
+            labels,
+            eval_set.classnames,
+            logit_scale=scale,
+        )
+
+    return write
 
 
 # ---- WiSE-FT ------------------------------------------------------------------------------------------
@@ -523,7 +635,7 @@ def run_wise(
         )
     fine_tuned = {k: v.to(model.logit_scale.device) for k, v in fine_tuned.items()}
     head = None
-    if config.method == "ft":
+    if (run_dir / HEAD_FILE).is_file():  # a method with its own head (FT): mixed like the towers
         features = class_text_features(model, tokenizer, data.classnames, data.templates, cache_dir=cache_dir)
         weight = zero_shot_head(features.to(model.logit_scale.device), model.logit_scale)
         zero_shot_heads = {"weight": weight, "bias": torch.zeros_like(weight[:, 0])}
@@ -539,29 +651,29 @@ def run_wise(
         values = sorted(set(float(a) for a in alphas) | {float(select)})
         if figure is None and diagrams:
             figure = diagram_writer(
-                output / DIAGRAMS, f"WiSE-{config.method.upper()} alpha={select:g}", n_bins=n_bins
+                output / DIAGRAMS,
+                f"WiSE-{registry.get('finetune_method', config.method).title} alpha={select:g}",
+                n_bins=n_bins,
             )
         sweep = []
         for alpha in values:
             model.load_state_dict(interpolate_state_dicts(zero_shot, fine_tuned, alpha))
             if head is not None:
                 head.load_state_dict(interpolate_state_dicts(zero_shot_heads, dict(fine_tuned_heads), alpha))
-            classifier_for = classifier_factory(
-                model, tokenizer, head=head, train_classnames=data.classnames, cache_dir=cache_dir
-            )
-            result = evaluate(
-                classifier_for,
-                data.test,
-                data.heldout,
-                data.ood,
-                backbone.eval_transform,
+            selected = alpha == float(select)
+            result = evaluate_model(
+                backbone,
+                head,
+                data,
+                output if selected else None,
                 context=context,
                 n_bins=n_bins,
-                figure=figure if alpha == float(select) else None,
+                figure=figure if selected else None,
                 batch_size=eval_batch_size,
                 num_workers=num_workers,
                 precision=config.precision,
                 progress=progress,
+                cache_dir=cache_dir,
             )
             sweep.append({"alpha": alpha, **result})
         model.load_state_dict(zero_shot)

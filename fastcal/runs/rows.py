@@ -1,0 +1,86 @@
+"""The rows of fastcal's result tables (``fastcal demo``, ``fastcal zeroshot``): one row per method, its
+calibration reports per class group, printed by section.
+
+A row is ``{"section": str, "method": str, "metrics": {group: report}, "notes": {...}}``; a section's
+columns are the accuracy and ECE (in percent) of each of its groups, and HM, the harmonic mean of base
+and new accuracy, where a section has both.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+
+class Row(TypedDict, total=False):
+    """One method's line in a table (module docstring); ``stage`` and ``hm_accuracy`` are added by
+    ``check_row``."""
+
+    section: str
+    method: str
+    metrics: dict[str, dict[str, Any]]
+    notes: dict[str, Any]
+    stage: str
+    hm_accuracy: float
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    return 0.0 if a + b == 0 else 2.0 * a * b / (a + b)
+
+
+def check_row(stage: str, row: Any) -> dict[str, Any]:
+    """A stage's row, checked, with ``stage`` and (for base and new groups) ``hm_accuracy`` added."""
+    ok = (
+        isinstance(row, dict)
+        and isinstance(row.get("section"), str)
+        and isinstance(row.get("method"), str)
+        and isinstance(row.get("metrics"), dict)
+        and all(isinstance(r, dict) and "accuracy" in r and "ece" in r for r in row["metrics"].values())
+    )
+    if not ok:
+        raise TypeError(
+            f"stage {stage}: expected rows {{'section': str, 'method': str, 'metrics': {{group: report}}}}, "
+            f"got {row!r:.200}"
+        )
+    row = {"stage": stage, **row}
+    metrics = row["metrics"]
+    if "base" in metrics and "new" in metrics:
+        row["hm_accuracy"] = harmonic_mean(metrics["base"]["accuracy"], metrics["new"]["accuracy"])
+    return row
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Rows grouped by section; per section: method, then accuracy and ECE (%) per group, and HM."""
+    sections: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        sections.setdefault(row["section"], []).append(row)
+    blocks = []
+    for section, section_rows in sections.items():
+        groups: list[str] = []
+        for row in section_rows:
+            groups.extend(g for g in row["metrics"] if g not in groups)
+        with_hm = "base" in groups and "new" in groups
+        header = ["method", *(f"{g} {m}" for g in groups for m in ("acc", "ECE"))] + ["HM"] * with_hm
+        table = [header]
+        for row in section_rows:
+            label = row["method"]
+            temperature = row.get("notes", {}).get("temperature")
+            if temperature is not None:
+                label += f" (T={temperature:.2f})"
+            cells = [label]
+            for g in groups:
+                report = row["metrics"].get(g, {})
+                cells += [_percent(report.get("accuracy")), _percent(report.get("ece"))]
+            table.append(cells + [_percent(row.get("hm_accuracy"))] * with_hm)
+        widths = [max(len(cells[i]) for cells in table) for i in range(len(header))]
+        lines = [
+            "  ".join(
+                [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+            )
+            for cells in table
+        ]
+        blocks.append("\n".join([f"== {section} ==", lines[0], "-" * len(lines[0]), *lines[1:]]))
+    return "\n\n".join(blocks)

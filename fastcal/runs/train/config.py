@@ -1,0 +1,197 @@
+"""The settings of a prompt-tuning run (``fastcal train``): one flat ``Settings`` dataclass.
+
+Precedence, lowest first (``fastcal.runs.options``): the field defaults below, the method's published
+recipe (``MethodSpec.recipe``, for the fields left ``None`` here: schedule, batch, learning rate,
+context length, ...; on the embedded testbed its short testbed schedule first) and the loss's defaults,
+a YAML file (``--config FILE``), then the command line (``--lr 0.01``). Every value is checked against
+the field's type; unknown keys are an error naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fastcal import registry
+from fastcal._checks import check_choice, check_device, check_int, check_number, fail
+from fastcal.data.registry import DATASETS
+from fastcal.metrics.functional import MAX_BINS
+from fastcal.runs.options import Settings, setting
+
+PROTOCOLS = ("base2new", "all")
+FROZEN_TEMPLATES = ("hard", "ensemble")
+DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-B-16", "openai"
+TESTBED_MODEL = "fastcal-testbed"
+PRECISIONS = ("fp32", "fp16", "bf16")
+RANDOM_INIT = "none"
+# Settings that may differ between a run and its resumption (they do not change the result).
+RESUME_FREE_KEYS = ("output", "resume", "overwrite", "progress", "num_workers", "cache_dir", "device", "root")
+SCHEDULE_KEYS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs", "warmup_lr")
+
+
+@dataclass
+class TrainConfig(Settings):
+    """Everything a training run depends on; ``None`` means "the method's recipe value". Optimization is
+    SGD with a cosine schedule after a constant warm-up, as Dassl runs CoOp (``fastcal.runs.train.loop``)."""
+
+    method: str = setting("coop", help="prompt method: " + ", ".join(registry.names("prompt_method")))
+    loss: str = setting("ce", help="ce, calibrated (TCPT's loss) or label_smoothing")
+    dataset: str | None = setting(None, help="a fastcal dataset name (unset: the embedded testbed)")
+    root: str | None = setting(None, help="the folder holding the dataset")
+    shots: int = setting(16, help="training images per class")
+    protocol: str = setting(
+        "base2new", help="base2new (train on the base half of the classes, test base and new) or all"
+    )
+    seed: int = setting(1, help="few-shot draw, initialization and batch order")
+    output: str | None = setting(None, help="the run folder")
+
+    model: str | None = setting(
+        None, help="open_clip architecture (unset: ViT-B-16 with a dataset, the testbed's own CLIP without)"
+    )
+    pretrained: str | None = setting(
+        None, help="pretrained tag or checkpoint file (unset: openai; 'none': random initialization)"
+    )
+    precision: str = setting("fp32", help="model weights: fp32, fp16 or bf16")
+    device: str = setting("auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    amp: bool = setting(True, help="fp16 autocast with a gradient scaler (CUDA only)")
+
+    n_ctx: int | None = setting(None, help="context tokens (recipe)")
+    ctx_init: str | None = setting(None, help="phrase the context starts from ('': random; recipe)")
+    class_specific: bool = setting(False, help="one context per class (CoOp's CSC)")
+    class_token_position: str = setting("end", help="class name position: end, middle or front")
+    init_std: float = setting(0.02, help="std of a random context initialization")
+    prompt_depth: int | None = setting(None, help="MaPLe: layers with prompts (recipe)")
+    n_ctx_vision: int | None = setting(None, help="VPT: visual prompt tokens (recipe)")
+    vision_depth: int | None = setting(None, help="VPT: layers with visual prompts (recipe)")
+    text_template: str | None = setting(None, help="VPT: the hand-crafted text prompt (recipe)")
+
+    margin_alpha: float = setting(0.1, help="calibrated loss: weight of the mean logit margin")
+    margin_beta: float = setting(0.01, help="calibrated loss: weight of the margin variance")
+    moment_weight: float = setting(5.0, help="calibrated loss: weight of the text moment matching")
+    label_smoothing: float | None = setting(
+        None, help="label smoothing epsilon (unset: 0.1 for the label_smoothing loss, else 0)"
+    )
+    regularizers: list[str] = setting(
+        default_factory=list,
+        help="extra regularizers, comma-separated: " + ", ".join(registry.names("regularizer")),
+        flags=("--regularizer",),
+    )
+    regularizer_options: dict[str, dict[str, Any]] = setting(
+        default_factory=dict, help="YAML mapping of regularizer options, e.g. '{dor: {weight: 8}}'"
+    )
+    kgcoop_weight: float | None = setting(None, help="KgCoOp's weight w (recipe: 8)")
+    frozen_templates: str = setting(
+        "hard",
+        help="zero-shot anchor of the calibrated loss and KgCoOp: hard (the dataset's prompt) or ensemble",
+    )
+
+    epochs: int | None = setting(None, help="training epochs (recipe)")
+    batch_size: int | None = setting(None, help="batch size (recipe)")
+    lr: float | None = setting(None, help="SGD learning rate (recipe)")
+    momentum: float | None = setting(None, help="SGD momentum (recipe)")
+    weight_decay: float | None = setting(None, help="SGD weight decay (recipe)")
+    warmup_epochs: int | None = setting(None, help="epochs at the constant warm-up rate (recipe)")
+    warmup_lr: float | None = setting(None, help="warm-up learning rate (recipe)")
+
+    augment: bool = setting(True, help="train on augmented views (else on the eval transform)")
+    augment_epochs: int | None = setting(
+        None, help="distinct augmented epochs cached for frozen-image methods (unset: fresh views each epoch)"
+    )
+    n_bins: int = setting(15, help="ECE bins")
+    eval_batch_size: int = setting(256, help="evaluation batch size")
+    num_workers: int = setting(0, help="data-loading processes", flags=("--workers",))
+    resume: bool = setting(False, help="continue the run in --output from its last checkpoint")
+    overwrite: bool = setting(False, help="replace the run --output holds (its files are removed)")
+    progress: bool = setting(True, help="progress bars", negative="--quiet")
+    cache_dir: str | None = setting(None, help="feature and weight caches (unset: $FASTCAL_CACHE)")
+
+    # ---- checks and recipe -------------------------------------------------------------------------
+    def validate(self) -> TrainConfig:
+        check_choice("method", self.method, registry.names("prompt_method"))
+        check_choice("loss", self.loss, registry.names("loss"))
+        for name in self.regularizers:
+            check_choice("regularizers", name, registry.names("regularizer"))
+        check_choice("protocol", self.protocol, PROTOCOLS)
+        check_choice("frozen_templates", self.frozen_templates, FROZEN_TEMPLATES)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_device("device", self.device)
+        self._check_model()
+        check_int("shots", self.shots, minimum=1)
+        check_int("seed", self.seed, minimum=0)
+        check_int("n_bins", self.n_bins, minimum=1, maximum=MAX_BINS)
+        check_int("eval_batch_size", self.eval_batch_size, minimum=1)
+        check_int("num_workers", self.num_workers, minimum=0)
+        for name in ("n_ctx", "prompt_depth", "n_ctx_vision", "vision_depth", "epochs", "batch_size"):
+            value = getattr(self, name)
+            if value is not None:
+                check_int(name, value, minimum=1)
+        for name in ("warmup_epochs",):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), minimum=0)
+        if self.augment_epochs is not None:
+            check_int("augment_epochs", self.augment_epochs, minimum=1)
+        for name in ("lr", "warmup_lr"):
+            if getattr(self, name) is not None:
+                check_number(name, getattr(self, name), minimum=0.0, strict_minimum=True)
+        for name in ("momentum", "weight_decay", "kgcoop_weight", "margin_alpha", "margin_beta"):
+            if getattr(self, name) is not None:
+                check_number(name, getattr(self, name), minimum=0.0)
+        check_number("moment_weight", self.moment_weight, minimum=0.0)
+        check_number("init_std", self.init_std, minimum=0.0, strict_minimum=True)
+        if self.label_smoothing is not None:
+            check_number("label_smoothing", self.label_smoothing, minimum=0.0, maximum=1.0)
+        if self.dataset is not None:
+            check_choice("dataset", self.dataset, DATASETS)
+            if self.root is None:
+                raise fail("root", "the dataset folder with --dataset", "none")
+        for name in self.regularizer_options:
+            if name not in self.regularizers:
+                raise fail(
+                    "regularizer_options", f"options only for listed regularizers {self.regularizers}", name
+                )
+        return self
+
+    def _check_model(self) -> None:
+        if self.dataset is None:
+            if self.model not in (None, TESTBED_MODEL):
+                raise fail(
+                    "model", f"none with the embedded testbed (it brings {TESTBED_MODEL})", repr(self.model)
+                )
+            if self.pretrained is not None:
+                raise fail(
+                    "pretrained",
+                    "none with the embedded testbed (it brings its weights)",
+                    repr(self.pretrained),
+                )
+            return
+        if self.model is not None and not self.model.startswith(("local-dir:", "hf-hub:")):
+            import open_clip
+
+            if open_clip.get_model_config(self.model.replace("/", "-")) is None:
+                raise fail("model", "an open_clip architecture (open_clip.list_models())", repr(self.model))
+
+    def resolved(self) -> TrainConfig:
+        """This config with the method's recipe filling every ``None`` it has a value for (on the
+        embedded testbed, the method's testbed schedule first), and the loss's defaults."""
+        from fastcal.methods.base import get_method
+        from fastcal.methods.objectives import loss_options
+
+        spec = get_method(self.method)
+        values = self.to_dict()
+        recipe = dict(spec.recipe)
+        if self.dataset is None:
+            recipe.update(spec.testbed_recipe)
+        for key, value in recipe.items():
+            if values.get(key) is None:
+                values[key] = value
+        if self.dataset is None:
+            values["model"] = TESTBED_MODEL
+        else:
+            values["model"] = values["model"] or DEFAULT_MODEL
+            if values["pretrained"] is None and not values["model"].startswith(("local-dir:", "hf-hub:")):
+                values["pretrained"] = DEFAULT_PRETRAINED
+        values.update(loss_options(self.loss, values))
+        for key in SCHEDULE_KEYS:
+            if values[key] is None:
+                raise fail(key, f"a value (the {self.method} recipe has none)", None)
+        return TrainConfig.from_dict(values)
