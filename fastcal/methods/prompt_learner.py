@@ -12,7 +12,8 @@ features of, per class ``c``::
 The context is one ``(n, W)`` matrix shared by all classes ("unified") or one per class
 (``class_specific=True``, CoOp's CSC, ``(C, n, W)``). It is initialized from a phrase (``ctx_init="a photo
 of a"``: the phrase's token embeddings; ``n`` becomes its token count) or from N(0, ``init_std``^2).
-The frozen parts are the token embeddings of the prompt text ``"<context words> <name>."`` (CoOp's
+The frozen parts are the token embeddings of the prompt text ``"<context words> <name>."`` (or another
+suffix after the name, for a template's remainder; CoOp's
 ``token_prefix`` = SOS and ``token_suffix`` = everything after the context); they are buffers recomputed
 from the class names, never saved (``state_dict()`` holds only ``ctx``), so a learned context loads
 into a learner for other classes (base-to-new evaluation, cross-dataset transfer).
@@ -69,7 +70,7 @@ class _Layout:
     ) -> None:
         encoder = learner.text_encoder
         tokenizer = learner.tokenizer
-        ids = tokenizer([f"{learner.prompt_prefix} {name}." for name in names])
+        ids = tokenizer([f"{learner.prompt_prefix} {name}{learner.suffix}" for name in names])
         check_tensor("tokenizer output", ids, ndim=2, integer=True)
         device = encoder.token_embedding(ids[:1, :1]).device
         ids = ids.to(device)
@@ -127,6 +128,8 @@ class PromptLearner(nn.Module):
         init_std: standard deviation of the random initialization (CoOp: 0.02).
         n_learned: with ``ctx_init``, learn only the phrase's first ``n_learned`` tokens and keep the rest
             as fixed words after them (MaPLe: 2 learned tokens of "a photo of a"; default: all).
+        suffix: the fixed text after the class name (``"."``; a template's remainder, e.g. ``" in a
+            video game."`` after ``"a {}"``).
 
     Attributes:
         ctx: the learned context, ``(n_ctx, W)`` or ``(C, n_ctx, W)`` (class-specific); float32.
@@ -148,6 +151,7 @@ class PromptLearner(nn.Module):
         class_token_position: str = "end",
         init_std: float = 0.02,
         n_learned: int | None = None,
+        suffix: str = ".",
     ) -> None:
         super().__init__()
         if not isinstance(text_encoder, TextEncoder):
@@ -169,8 +173,11 @@ class PromptLearner(nn.Module):
         # so alternating between them does not re-read the prompt lengths from the device.
         object.__setattr__(self, "_batched_encoder", copy.copy(text_encoder))
         object.__setattr__(self, "_term_encoder", copy.copy(text_encoder))
+        if not isinstance(suffix, str):
+            raise TypeError(f"suffix: expected a string, got {type(suffix).__name__}")
         self.class_specific = class_specific
         self.class_token_position = class_token_position
+        self.suffix = suffix
         width = text_encoder.token_embedding(torch.zeros(1, 1, dtype=torch.long)).shape[-1]
 
         if ctx_init is not None:

@@ -23,6 +23,7 @@ from fastcal.methods.prefix import PackedPrompts, shares_prefix
 from fastcal.methods.prompt_learner import PromptLearner
 from fastcal.models.text_encoder import TextEncoder
 from fastcal.tpt.augment import ViewAugmenter, normalization, view_size
+from fastcal.tpt.ensemble import PromptEnsemble, split_template
 from fastcal.tpt.step import TestTimeStep, TuningConfig
 
 TPT_CTX_INIT = "a photo of a"
@@ -37,6 +38,9 @@ class TPT:
         classnames: the class names.
         config: the optimization (``TuningConfig``: views, selection, steps, lr, C-TPT's lambda).
         ctx_init: the phrase the context starts from (its token count is the context length).
+        templates: the prompt templates instead: one template (``"<words> {}<rest>"``) starts the context
+            from its words and keeps its rest after the class name; several form a tuned prompt ensemble
+            (``fastcal.tpt.ensemble``: one context per template, features averaged).
         init_ctx: a context ``(n_ctx, W)`` to start from and reset to instead (FPP's); ``None``: the
             phrase's embedding.
         augmix: AugMix on the views (``ViewAugmenter``).
@@ -56,6 +60,7 @@ class TPT:
         *,
         config: TuningConfig | None = None,
         ctx_init: str = TPT_CTX_INIT,
+        templates: Sequence[str] | None = None,
         init_ctx: torch.Tensor | None = None,
         augmix: bool = False,
         flip: bool = True,
@@ -66,17 +71,32 @@ class TPT:
     ) -> None:
         self.config = config or TuningConfig()
         self.model = model.requires_grad_(False)
-        self.learner = PromptLearner(
-            TextEncoder(model, bucket=True), tokenizer, classnames, ctx_init=ctx_init
-        )
-        self.learner.ctx.requires_grad_(False)
+        if templates is not None and len(templates) > 1:
+            if init_ctx is not None:
+                raise fail(
+                    "init_ctx",
+                    "None with a template ensemble (each template starts from its words)",
+                    "a context",
+                )
+            self.learner = PromptEnsemble(
+                model, tokenizer, classnames, templates, samples=samples_per_step, pack_prompts=pack_prompts
+            )
+            encoder, self.packed = self.learner, None
+        else:
+            words, rest = split_template(templates[0]) if templates else (ctx_init, ".")
+            self.learner = PromptLearner(
+                TextEncoder(model, bucket=True), tokenizer, classnames, ctx_init=words, suffix=rest
+            )
+            self.learner.ctx.requires_grad_(False)
+            self.packed = None
+            if pack_prompts and shares_prefix(self.learner):
+                self.packed = PackedPrompts(self.learner, model, samples=samples_per_step)
+            encoder = self.packed
         self.hard_ctx = self.learner.ctx.detach().clone()
         start = self.hard_ctx if init_ctx is None else init_ctx
+        probe = self.learner.learners[0] if isinstance(self.learner, PromptEnsemble) else self.learner
         with torch.no_grad():
-            feature_dim = self.learner().shape[-1]
-        self.packed = None
-        if pack_prompts and shares_prefix(self.learner):
-            self.packed = PackedPrompts(self.learner, model, samples=samples_per_step)
+            feature_dim = probe(probe.ctx[None]).shape[-1]
         self.step = TestTimeStep(
             self.learner,
             start,
@@ -85,7 +105,7 @@ class TPT:
             samples_per_step=samples_per_step,
             config=self.config,
             use_graph=use_graph,
-            encoder=self.packed,
+            encoder=encoder,
         )
         self.device = self.step.device
         mean, std = normalization(model)
