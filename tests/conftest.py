@@ -89,3 +89,19 @@ def reference_text():
     """CLIP's text forward at full length from open_clip's modules, independent of fastcal's
     TextEncoder: ``reference_text(model, embeddings, token_ids, deep_prompts=None)``."""
     return _reference_text
+
+
+@pytest.fixture(scope="session")
+def hf_tiny():
+    """The ``tests/hf_tiny.py`` helpers (tiny random-init Hugging Face CLIP / SigLIP, a CLIP tokenizer);
+    skips the test when ``transformers`` (the ``hf`` extra) is not installed."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location(
+        "fastcal_tests_hf_tiny", Path(__file__).with_name("hf_tiny.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -56,6 +56,7 @@ class CoCoOp(CoOp):
     Args: as ``CoOp``; the meta-net's hidden width is ``D // 16`` (D = the image feature width).
     """
 
+    method_name = "cocoop"
     per_image_prompts = True
     packs_prompts = False
 
@@ -102,11 +103,15 @@ class CoCoOp(CoOp):
         shift = shift[:, None, None, :] if ctx.ndim == 3 else shift[:, None, :]
         return ctx.unsqueeze(0) + shift
 
-    def forward(self, image_features: torch.Tensor) -> MethodOutput:
+    def class_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Each image's class text features ``(B, C, D)`` (unnormalized): the context is conditioned on
+        the image's features ``(B, D)``."""
+        return self.prompt_learner(self.conditioned_context(image_features))
+
+    def output(self, image_features: torch.Tensor) -> MethodOutput:
         """``image_features`` (B, D) -> logits (B, C) with one classifier per image."""
         self.check_inputs(image_features)
-        text_features = self.prompt_learner(self.conditioned_context(image_features))
-        return clip_logits(image_features, text_features, self.clip_model.logit_scale)
+        return clip_logits(image_features, self.class_features(image_features), self.clip_model.logit_scale)
 
 
 SPEC = MethodSpec(

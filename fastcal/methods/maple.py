@@ -71,6 +71,7 @@ class MaPLe(PromptMethod):
     """
 
     input_kind = "images"
+    method_name = "maple"
 
     def __init__(
         self,
@@ -83,7 +84,7 @@ class MaPLe(PromptMethod):
         prompt_depth: int = 9,
         init_std: float = 0.02,
     ) -> None:
-        super().__init__(model)
+        super().__init__(model, tokenizer)
         check_int("n_ctx", n_ctx, minimum=1)
         check_int("prompt_depth", prompt_depth, minimum=1)
         text_encoder = TextEncoder(model, bucket=True)
@@ -121,7 +122,7 @@ class MaPLe(PromptMethod):
     def set_classnames(self, classnames: Sequence[str]) -> None:
         self.prompt_learner.set_classnames(classnames)
 
-    def text_features(self) -> torch.Tensor:
+    def class_features(self) -> torch.Tensor:
         """Class text features (C, D) with the context and the deep text prompts."""
         learner = self.prompt_learner
         return learner.text_encoder.encode_embeddings(
@@ -138,10 +139,10 @@ class MaPLe(PromptMethod):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return prompted_image_features(self.clip_model, images, self.visual_prompts())
 
-    def forward(self, images: torch.Tensor) -> MethodOutput:
+    def output(self, images: torch.Tensor) -> MethodOutput:
         """``images`` (B, 3, H, W) -> logits (B, C)."""
         self.check_inputs(images)
-        return clip_logits(self.encode_images(images), self.text_features(), self.clip_model.logit_scale)
+        return clip_logits(self.encode_images(images), self.class_features(), self.clip_model.logit_scale)
 
 
 SPEC = MethodSpec(

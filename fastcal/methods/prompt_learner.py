@@ -55,6 +55,19 @@ def _check_names(name: str, names: Any) -> list[str]:
     return [prompt_classname(n) for n in names]
 
 
+def _check_start_token(tokenizer: Any) -> None:
+    """Prompt learners put the context right after a start token every prompt begins with (CLIP's
+    ``<start_of_text>``); a tokenizer without one (SigLIP's) is refused."""
+    first = tokenizer(["a", "b"])[:, 0]
+    if int(first[0]) != int(first[1]):
+        raise fail(
+            "tokenizer",
+            "one that starts every prompt with a start token, as CLIP's does (the learned context goes "
+            "right after it)",
+            "one without (e.g. SigLIP's): use zero-shot classification or fine-tuning with this model",
+        )
+
+
 class _Layout:
     """Token ids and frozen embeddings of prompts ``"<context words> <name>."`` for a list of names.
 
@@ -160,6 +173,7 @@ class PromptLearner(nn.Module):
             )
         if not callable(tokenizer):
             raise TypeError(f"tokenizer: expected a callable, got {type(tokenizer).__name__}")
+        _check_start_token(tokenizer)
         classnames = _check_names("classnames", classnames)
         check_int("n_ctx", n_ctx, minimum=1)
         check_choice("class_token_position", class_token_position, CLASS_TOKEN_POSITIONS)

@@ -38,12 +38,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from fastcal import registry
 from fastcal._checks import check_device, fail
 from fastcal._io import atomic_path, load_torch_file, write_json_atomic
 from fastcal.data.items import DatasetSplits, ImageListDataset
-from fastcal.losses import value_checks
-from fastcal.methods.base import MethodSpec, PromptMethod, get_method
-from fastcal.methods.objectives import RegularizerSetup, StepBatch, build_loss, build_regularizers
+from fastcal.methods.base import MethodSpec, PromptMethod, build_method, get_method
+from fastcal.methods.objectives import RegularizerSetup, build_regularizers
+from fastcal.methods.training import TrainingStep
 from fastcal.models.cache import SeededViews
 from fastcal.models.clip import LoadedClip
 from fastcal.runs.folder import RunFolder
@@ -100,12 +101,6 @@ def frozen_class_features(
     )
 
 
-def build_method(
-    spec: MethodSpec, clip: LoadedClip, classnames: list[str], options: dict[str, Any]
-) -> PromptMethod:
-    return spec.build(clip.model, clip.tokenizer, classnames, **options)
-
-
 def method_options(spec: MethodSpec, config: TrainConfig) -> dict[str, Any]:
     values = config.to_dict()
     return {key: values[key] for key in spec.options}
@@ -141,7 +136,8 @@ def _seed_everything(seed: int) -> None:
 
 @dataclass
 class Run:
-    """Everything a training run holds while it trains."""
+    """Everything a training run holds while it trains; ``step`` is the method's ``TrainingStep`` (its
+    loss, regularizers, optimizer and gradient scaler)."""
 
     config: TrainConfig
     spec: MethodSpec
@@ -150,13 +146,8 @@ class Run:
     method: PromptMethod
     device: torch.device
     model_key: str
-    frozen: torch.Tensor
-    loss: Any
-    regularizers: list[Any]
-    optimizer: torch.optim.Optimizer
+    step: TrainingStep
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
-    amp: bool
     train_transform: Any
 
 
@@ -176,7 +167,9 @@ def prepare(
 
     _seed_everything(config.seed)
     model_key = model_fingerprint(clip.model)  # the frozen CLIP's weights, hashed once for every cache
-    method = build_method(spec, clip, data.train_classnames, method_options(spec, config)).to(device)
+    method = build_method(
+        spec.name, clip.model, clip.tokenizer, data.train_classnames, **method_options(spec, config)
+    ).to(device)
     frozen = frozen_class_features(
         clip, data.train_classnames, data.templates, config, model_key=model_key
     ).to(device)
@@ -217,8 +210,16 @@ def prepare(
         )
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    amp = bool(config.amp and device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    settings = config.to_dict()
+    step = TrainingStep(
+        method,
+        config.loss,
+        optimizer,
+        loss_options={key: settings[key] for key in registry.get("loss", config.loss).options},
+        regularizers=regularizers,
+        frozen_text_features=frozen,
+        amp=config.amp,
+    )
     return Run(
         config=config,
         spec=spec,
@@ -227,13 +228,8 @@ def prepare(
         method=method,
         device=device,
         model_key=model_key,
-        frozen=frozen,
-        loss=build_loss(config.loss, config.to_dict()),
-        regularizers=regularizers,
-        optimizer=optimizer,
+        step=step,
         scheduler=scheduler,
-        scaler=scaler,
-        amp=amp,
         train_transform=train_transform_for(config, clip),
     )
 
@@ -285,29 +281,19 @@ def _batches(run: Run, epoch: int, inputs: Any, labels: torch.Tensor | None):
 
 def train_epoch(run: Run, epoch: int) -> dict[str, float]:
     """One pass over the training set; returns the epoch's mean loss, accuracy and learning rate."""
-    for regularizer in run.regularizers:
-        regularizer.on_epoch_start(epoch)
+    step = run.step
+    step.start_epoch(epoch)
     inputs, labels = _epoch_inputs(run, epoch)
-    run.method.train()
+    take_step = step.from_features if run.method.input_kind == "features" else step
     loss_sum = torch.zeros((), device=run.device)
     correct = torch.zeros((), dtype=torch.long, device=run.device)
     seen = 0
-    lr = run.optimizer.param_groups[0]["lr"]
+    lr = step.optimizer.param_groups[0]["lr"]
     for batch_inputs, batch_labels in _batches(run, epoch, inputs, labels):
-        # no host sync per step: the epoch's mean loss is checked once, below
-        with value_checks(False), torch.autocast(run.device.type, dtype=torch.float16, enabled=run.amp):
-            output = run.method(batch_inputs)
-            batch = StepBatch(output, batch_labels, run.method, run.frozen, epoch)
-            loss = run.loss(batch)
-            for regularizer in run.regularizers:
-                loss = loss + regularizer(batch)
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
+        result = take_step(batch_inputs, batch_labels)  # no host sync: the mean loss is checked below
         n = batch_labels.shape[0]
-        loss_sum += loss.detach().float() * n
-        correct += (output.logits.detach().argmax(dim=1) == batch_labels).sum()
+        loss_sum += result.loss.float() * n
+        correct += (result.logits.argmax(dim=1) == batch_labels).sum()
         seen += n
     run.scheduler.step()
     mean_loss = float(loss_sum) / max(seen, 1)
@@ -377,7 +363,7 @@ def predict(
         labels = None
     logits, seen_labels, text_features = [], [], None
     for inputs, batch_labels in batches:
-        output = method(inputs.to(device))
+        output = method.output(inputs.to(device))
         logits.append(output.logits.float().cpu())
         if batch_labels is not None:
             seen_labels.append(torch.as_tensor(batch_labels))
@@ -485,10 +471,8 @@ def save_checkpoint(run: Run, path: Path, epochs_done: int, history: list[dict[s
         {
             "epochs_done": epochs_done,
             "tuned": run.method.tuned_state_dict(),
-            "optimizer": run.optimizer.state_dict(),
+            "step": run.step.state_dict(),
             "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict(),
-            "regularizers": {r.name: r.state_dict() for r in run.regularizers},
             "rng": _rng_state(),
             "history": history,
             "config": run.config.to_dict(),
@@ -511,11 +495,8 @@ def load_checkpoint(run: Run, path: Path) -> tuple[int, list[dict[str, Any]]]:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in differing)
         raise fail("resume", f"the config of the checkpoint {path}", f"a different config ({detail})")
     run.method.load_tuned_state_dict(state["tuned"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    run.step.load_state_dict(state["step"])
     run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
-    for regularizer in run.regularizers:
-        regularizer.load_state_dict(state["regularizers"].get(regularizer.name, {}))
     _set_rng_state(state["rng"])
     return int(state["epochs_done"]), list(state["history"])
 
@@ -564,8 +545,9 @@ def _read_prompt_file(path: str | Path, what: str = "prompt") -> dict[str, Any]:
 def load_prompt(path: str | Path, clip: LoadedClip, *, device: str | torch.device = "cpu") -> PromptMethod:
     """Rebuild the method saved by a training run (``prompt.pt``) on ``clip``'s model."""
     state = _read_prompt_file(path)
-    spec = get_method(state["method"])
-    method = build_method(spec, clip, list(state["classnames"]), dict(state["options"]))
+    method = build_method(
+        state["method"], clip.model, clip.tokenizer, list(state["classnames"]), **state["options"]
+    )
     method.load_tuned_state_dict(state["tuned"])
     return method.to(device)
 

@@ -1,0 +1,262 @@
+"""One optimization step of a prompt method, for any training loop::
+
+    step = fastcal.methods.training_step(method, "calibrated", optimizer)
+    for images, labels in loader:
+        result = step(images, labels)          # forward, loss + regularizers, backward, optimizer step
+
+The objective is ``fastcal.methods.objectives``'s: ``L = loss(batch) + sum_r regularizer_r(batch)``.
+The regularizers default to the ones the method always uses (``method.spec.regularizers``: KgCoOp's
+knowledge guidance at its recipe weight); others are added by name (``regularizers=["dor"]``) with their
+options (``regularizer_options={"dor": {"weight": 8}}``), or passed built. The zero-shot class features
+that the calibrated loss's moment term and KgCoOp anchor to are computed from the method's own CLIP and
+tokenizer with ``templates`` (default: CoOp's "a photo of a {}."), again whenever the class set changes.
+
+``fastcal train`` runs its epochs through the same ``TrainingStep``, so a user's loop and the command
+take the same steps.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from fastcal import registry
+from fastcal._checks import fail
+from fastcal.losses import value_checks
+from fastcal.methods.base import PromptMethod
+from fastcal.methods.objectives import (
+    Regularizer,
+    RegularizerSetup,
+    StepBatch,
+    build_loss,
+    build_regularizers,
+)
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+class StepResult(NamedTuple):
+    """What a step returns: the ``loss`` it minimized (0-dim) and the batch's ``logits`` (B, C), both
+    detached; reading them does not synchronize with the device until you convert them."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+
+
+class TrainingStep:
+    """A method's training step: forward, objective, backward, optimizer (and gradient scaler) step.
+
+    Args:
+        method: the prompt method (its CLIP frozen; the optimizer holds its ``tuned_parameters``).
+        loss: a loss of the registry by name (``"ce"``, ``"calibrated"``, ``"label_smoothing"``, ...),
+            or a callable ``loss(batch: StepBatch) -> Tensor``.
+        optimizer: any torch optimizer over the method's tuned parameters.
+        loss_options: options of a named loss (e.g. ``{"margin_alpha": 0.1}``); unset ones take the
+            loss's defaults.
+        regularizers: names (registry kind ``"regularizer"``) or built regularizers; default: the ones the
+            method always uses. The method's are always included.
+        regularizer_options: per regularizer name, its options (e.g. ``{"kgcoop": {"weight": 8.0}}``).
+        templates: the prompt templates of the zero-shot class features (the anchor of the calibrated
+            loss's moment term and of KgCoOp).
+        frozen_text_features: those features ``(C, D)`` computed already (then ``templates`` is unused).
+        seed: the seed of regularizers that draw (DOR's outlier sampling).
+        cache_dir: where regularizers keep their caches (default: fastcal's cache folder).
+        amp: fp16 autocast with a gradient scaler (CUDA only; ignored elsewhere).
+    """
+
+    def __init__(
+        self,
+        method: PromptMethod,
+        loss: str | Callable[[StepBatch], torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        *,
+        loss_options: Mapping[str, Any] | None = None,
+        regularizers: Sequence[str | Regularizer] | None = None,
+        regularizer_options: Mapping[str, Mapping[str, Any]] | None = None,
+        templates: Sequence[str] = DEFAULT_TEMPLATES,
+        frozen_text_features: torch.Tensor | None = None,
+        seed: int = 0,
+        cache_dir: str | os.PathLike | None = None,
+        amp: bool = False,
+        progress: bool = False,
+    ) -> None:
+        if not isinstance(method, PromptMethod):
+            raise TypeError(f"method: expected a fastcal PromptMethod, got {type(method).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer: expected a torch optimizer, got {type(optimizer).__name__}")
+        if isinstance(templates, str) or not templates:
+            raise fail("templates", "a non-empty list of templates with '{}'", repr(templates)[:200])
+        self.method = method
+        self.optimizer = optimizer
+        self.templates = list(templates)
+        self.device = _method_device(method)
+        self.amp = bool(amp and self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        self.epoch = 0
+        self._started_epoch: int | None = None
+        self._frozen: tuple[tuple[str, ...], torch.Tensor] | None = None
+        if frozen_text_features is not None:
+            self._frozen = (tuple(method.classnames), frozen_text_features.to(self.device))
+        self.loss = self._build_loss(loss, loss_options)
+        self.regularizers = self._build_regularizers(
+            regularizers, regularizer_options or {}, seed=seed, cache_dir=cache_dir, progress=progress
+        )
+
+    # ---- building ----------------------------------------------------------------------------------
+    def _build_loss(
+        self, loss: str | Callable[[StepBatch], torch.Tensor], options: Mapping[str, Any] | None
+    ) -> Callable[[StepBatch], torch.Tensor]:
+        if isinstance(loss, str):
+            known = registry.get("loss", loss, argument="loss").options
+            unknown = sorted(set(options or {}) - set(known))
+            if unknown:
+                raise fail("loss_options", f"options of the {loss!r} loss ({', '.join(known)})", unknown)
+            return build_loss(loss, dict(options or {}))
+        if options:
+            raise fail("loss_options", "None with a loss object (options belong to named losses)", options)
+        if not callable(loss):
+            raise TypeError(f"loss: expected a loss name or a callable, got {type(loss).__name__}")
+        return loss
+
+    def _build_regularizers(
+        self,
+        chosen: Sequence[str | Regularizer] | None,
+        options: Mapping[str, Mapping[str, Any]],
+        *,
+        seed: int,
+        cache_dir: str | os.PathLike | None,
+        progress: bool,
+    ) -> list[Regularizer]:
+        method = self.method
+        own = tuple(method.spec.regularizers) if method.method_name else ()
+        names = [*own, *(r for r in chosen or () if isinstance(r, str))]
+        built = [r for r in chosen or () if not isinstance(r, str)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise fail("regularizer_options", f"options of the regularizers used ({names})", unknown)
+        if not names:
+            return built
+        from fastcal.models.fingerprint import model_fingerprint
+
+        model_key = model_fingerprint(method.clip_model)
+        recipe = dict(method.recipe) if method.method_name else {}
+
+        def setup(name: str) -> RegularizerSetup:
+            return RegularizerSetup(
+                name=name,
+                method_name=method.method_name,
+                method=method,
+                model=method.clip_model,
+                model_key=model_key,
+                tokenizer=method.tokenizer,
+                classnames=list(method.classnames),
+                templates=self.templates,
+                frozen_text_features=self.frozen_text_features(),
+                options=dict(options.get(name, {})),
+                config=recipe,
+                seed=seed,
+                device=self.device,
+                cache_dir=cache_dir,
+                progress=progress,
+            )
+
+        return [*build_regularizers(names, setup), *built]
+
+    # ---- per step ----------------------------------------------------------------------------------
+    def frozen_text_features(self) -> torch.Tensor:
+        """The zero-shot class features ``(C, D)`` of the method's current classes (normalized)."""
+        names = tuple(self.method.classnames)
+        if self._frozen is None or self._frozen[0] != names:
+            from fastcal.models.cache import zeroshot_class_features
+
+            if self.method.tokenizer is None:
+                raise fail("method", "a method built with its tokenizer", "tokenizer None")
+            features = zeroshot_class_features(
+                self.method.clip_model, self.method.tokenizer, list(names), self.templates
+            )
+            self._frozen = (names, features.to(self.device))
+        return self._frozen[1]
+
+    def start_epoch(self, epoch: int) -> None:
+        """Tell the regularizers a new epoch starts (DOR draws that epoch's outliers); a loop that never
+        calls it trains as one epoch 0."""
+        self.epoch = epoch
+        for regularizer in self.regularizers:
+            regularizer.on_epoch_start(epoch)
+        self._started_epoch = epoch
+
+    def objective(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The objective on a batch of the method's ``inputs`` (``method.output``'s) and its logits,
+        with gradients, without a backward."""
+        output = self.method.output(inputs)
+        batch = StepBatch(output, labels, self.method, self.frozen_text_features(), self.epoch)
+        loss = self.loss(batch)
+        for regularizer in self.regularizers:
+            loss = loss + regularizer(batch)
+        return loss, output.logits
+
+    def _step(self, inputs: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        if self._started_epoch != self.epoch:  # a loop that never calls start_epoch
+            self.start_epoch(self.epoch)
+        self.method.train()
+        # no host sync per step: a caller checks the losses when it reads them
+        with value_checks(False), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            loss, logits = self.objective(inputs, labels.to(self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return StepResult(loss.detach(), logits.detach())
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        """One step on a batch of preprocessed ``images`` (B, 3, H, W) and their ``labels`` (B,)."""
+        return self._step(self.method.prepare_inputs(images.to(self.device)), labels)
+
+    def from_features(self, image_features: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        """One step on frozen image features (B, D) (cached), for methods that read them."""
+        if self.method.input_kind != "features":
+            raise TypeError(
+                f"from_features: {type(self.method).__name__} prompts the image encoder, so it needs "
+                "images: call step(images, labels)"
+            )
+        return self._step(image_features.to(self.device), labels)
+
+    # ---- resumption --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's, the gradient scaler's and every regularizer's state, and the epoch."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "regularizers": {r.name: r.state_dict() for r in self.regularizers},
+            "epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = state["regularizers"]
+        names = sorted(r.name for r in self.regularizers)
+        if sorted(saved) != names:
+            raise fail("state", f"the states of the regularizers {names}", sorted(saved))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        for regularizer in self.regularizers:
+            regularizer.load_state_dict(saved[regularizer.name])
+        self.epoch = int(state["epoch"])
+
+
+def _method_device(method: PromptMethod) -> torch.device:
+    for parameter in method.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def training_step(
+    method: PromptMethod,
+    loss: str | Callable[[StepBatch], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    **options: Any,
+) -> TrainingStep:
+    """``TrainingStep(method, loss, optimizer, **options)``: call it on each batch (class docstring)."""
+    return TrainingStep(method, loss, optimizer, **options)
