@@ -12,7 +12,9 @@ an ID or OOD set):
 - ``temperature``: what the group's report in results.json divides the logits by (1: none);
 - optionally ``text_features`` (C, D), the class features the model scored with, and
   ``zeroshot_text_features`` (C, D), the frozen hand-crafted prompt's (post-hoc calibrators that look
-  at the classes' text, such as DAC, need both).
+  at the classes' text, such as DAC, need both);
+- optionally ``proximity`` (N,), each sample's proximity to the others in its image-feature space
+  (``fastcal.metrics.knn_proximity``), which PIECE bins on.
 
 ``fastcal metrics FILE`` reads these files as they are (dividing by the stored temperature), so its
 report equals the group's report in results.json. The files are numpy archives without pickles.
@@ -45,6 +47,7 @@ def save_predictions(
     temperature: float = 1.0,
     text_features: torch.Tensor | None = None,
     zeroshot_text_features: torch.Tensor | None = None,
+    proximity: torch.Tensor | None = None,
 ) -> Path:
     """Write one group's predictions to ``path`` (a ``.npz``; module docstring), atomically."""
     check_tensor("logits", logits, ndim=2, floating=True, finite=False)
@@ -65,6 +68,11 @@ def save_predictions(
             if features.shape[0] != logits.shape[1]:
                 raise fail(name, f"{logits.shape[1]} rows (one per class)", features.shape[0])
             arrays[name] = features.detach().float().cpu().numpy()
+    if proximity is not None:
+        check_tensor("proximity", proximity, ndim=1, floating=True)
+        if proximity.shape[0] != logits.shape[0]:
+            raise fail("proximity", f"{logits.shape[0]} values (one per row)", proximity.shape[0])
+        arrays["proximity"] = proximity.detach().double().cpu().numpy()
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     path = Path(path)
