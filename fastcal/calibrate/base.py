@@ -2,8 +2,10 @@
 
 A calibrator is fitted on a calibration set's ``logits`` (N, C) and ``labels`` (N,) and then maps
 logits to calibrated logits: ``calibrator(logits)`` returns logits whose softmax is the calibrated
-distribution (the log of the calibrated probabilities for histogram binning and isotonic regression,
-so a class they give probability 0 gets ``-inf``), ``calibrator.transform(logits)`` that softmax.
+distribution (the log of the calibrated probabilities for histogram binning and isotonic regression; a
+class they give probability 0 gets log of float64's smallest normal number, about -708, so the logits
+stay finite and its softmax probability is below 1e-307), ``calibrator.transform(logits)`` that
+softmax.
 ``state_dict()`` is a dict of tensors and numbers and ``load_state_dict(state)`` restores it into a
 calibrator made with the same constructor arguments.
 
@@ -183,10 +185,10 @@ class Calibrator:
 
 
 def log_of_renormalized(scores: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """log(scores / row sum) for (N, C) non-negative per-class calibrated scores; a row whose scores are
-    all 0 (no class map gave it any mass) keeps the ``fallback`` log-probabilities instead of dividing
-    by zero."""
+    """log(scores / row sum) for (N, C) non-negative per-class calibrated scores, a 0 floored at the
+    dtype's smallest normal number; a row whose scores are all 0 (no class map gave it any mass) keeps
+    the ``fallback`` log-probabilities instead of dividing by zero."""
     total = scores.sum(dim=1, keepdim=True)
     empty = total == 0
     normalized = scores / torch.where(empty, torch.ones_like(total), total)
-    return torch.where(empty, fallback, normalized.log())
+    return torch.where(empty, fallback, normalized.clamp(min=torch.finfo(normalized.dtype).tiny).log())
