@@ -29,6 +29,8 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastcal.cli.metrics import add_report_arguments
+
     parser.add_argument("--method", required=True, help="ts, vector, matrix, histogram, isotonic or dac")
     parser.add_argument("--fit", required=True, metavar="FILE", help="predictions to fit the calibrator on")
     parser.add_argument("--apply", required=True, metavar="FILE", help="predictions to calibrate")
@@ -36,12 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="a calibrator argument (YAML)"
     )
-    parser.add_argument("--n-bins", type=int, default=15, help="bins for the binned metrics (default 15)")
-    parser.add_argument(
-        "--bootstrap", type=int, default=0, metavar="N", help="bootstrap resamples for intervals (default 0)"
-    )
-    parser.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    add_report_arguments(parser, bootstrap=0)
     parser.add_argument("--overwrite", action="store_true", help="replace the run --output holds")
 
 
@@ -65,18 +62,12 @@ def _options(pairs: list[str]) -> dict:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from fastcal._checks import check_int, check_number, fail
-    from fastcal.cli.metrics import MAX_BOOTSTRAP, _evaluate
-    from fastcal.metrics.functional import MAX_BINS
+    from fastcal.cli.metrics import check_report_arguments, report_metrics
     from fastcal.runs.folder import RunFolder, check_output_path, check_run_rules
     from fastcal.runs.posthoc import build_calibrator, fit_and_apply
     from fastcal.runs.predictions import load_predictions, save_predictions
 
-    check_int("--n-bins", args.n_bins, minimum=1, maximum=MAX_BINS)
-    check_int("--bootstrap", args.bootstrap, minimum=0, maximum=MAX_BOOTSTRAP)
-    check_number("--level", args.level, minimum=0.0, maximum=1.0, strict_minimum=True)
-    if args.level >= 1.0:
-        raise fail("--level", "a number in (0, 1)", args.level)
+    check_report_arguments(args)
     options = _options(args.option)
     calibrator = build_calibrator(args.method, options)
     if args.output is not None:
@@ -102,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(temperature, float):
         report["after"]["temperature"] = temperature
     for key, probs in (("before", before_probs), ("after", after_probs)):
-        report[key].update(_evaluate(probs, apply.labels, args, False, apply.proximity))
+        report[key].update(report_metrics(probs, apply.labels, args, False, apply.proximity))
 
     if args.output is not None:
         from fastcal._io import atomic_path

@@ -29,22 +29,43 @@ CHUNK_ROWS = 1 << 16
 MAX_BOOTSTRAP = 100_000
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("pred_file", metavar="PRED_FILE", help=".npz or .pt with logits or probs, and labels")
+def add_report_arguments(parser: argparse.ArgumentParser, *, bootstrap: int) -> None:
+    """The options of the report (``--n-bins``, the bootstrap's); ``check_report_arguments`` checks them."""
     parser.add_argument(
         "--n-bins", type=int, default=15, help="bins for the binned metrics (default 15, at most 1,000,000)"
     )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=bootstrap,
+        metavar="N",
+        help=f"bootstrap resamples for intervals (0: none; default {bootstrap})",
+    )
+    parser.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+
+
+def check_report_arguments(args: argparse.Namespace) -> None:
+    """One-line errors for report options out of range."""
+    from fastcal._checks import check_int, check_number, fail
+    from fastcal.metrics.functional import MAX_BINS
+
+    check_int("--n-bins", args.n_bins, minimum=1, maximum=MAX_BINS)
+    check_int("--bootstrap", args.bootstrap, minimum=0, maximum=MAX_BOOTSTRAP)
+    check_number("--level", args.level, minimum=0.0, maximum=1.0, strict_minimum=True)
+    if args.level >= 1.0:
+        raise fail("--level", "a number in (0, 1)", args.level)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pred_file", metavar="PRED_FILE", help=".npz or .pt with logits or probs, and labels")
     parser.add_argument("--plot", metavar="PNG", help="write a reliability diagram to this PNG file")
     parser.add_argument(
         "--temperature-from",
         metavar="CALIB_FILE",
         help="fit temperature scaling on this file; report after it",
     )
-    parser.add_argument(
-        "--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples for intervals (0: none)"
-    )
-    parser.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    add_report_arguments(parser, bootstrap=1000)
     parser.add_argument("--output", metavar="JSON", help="also write the report to this file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars, even on large files")
 
@@ -94,7 +115,9 @@ def _metrics(probs, labels, n_bins: int, progress: bool, proximity=None) -> dict
     return report
 
 
-def _evaluate(probs, labels, args, progress: bool, proximity=None) -> dict:
+def report_metrics(probs, labels, args, progress: bool, proximity=None) -> dict:
+    """``{"metrics": ..., "intervals": ...}`` of ``probs``: the report of this command (module docstring)
+    with the options of ``add_report_arguments``; PIECE when each row's ``proximity`` is given."""
     from fastcal.metrics import bootstrap_report
 
     result = {"metrics": _metrics(probs, labels, args.n_bins, progress, proximity)}
@@ -114,19 +137,15 @@ def _evaluate(probs, labels, args, progress: bool, proximity=None) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastcal._checks import check_int, check_number, check_tensor, fail
+    from fastcal._checks import check_tensor
     from fastcal._io import write_json_atomic
     from fastcal.calibrate import fit_temperature
     from fastcal.metrics import reliability_diagram
-    from fastcal.metrics.functional import MAX_BINS, check_probabilities
+    from fastcal.metrics.functional import check_probabilities
     from fastcal.runs.folder import check_output_file
     from fastcal.runs.predictions import load_predictions
 
-    check_int("--n-bins", args.n_bins, minimum=1, maximum=MAX_BINS)
-    check_int("--bootstrap", args.bootstrap, minimum=0, maximum=MAX_BOOTSTRAP)
-    check_number("--level", args.level, minimum=0.0, maximum=1.0, strict_minimum=True)
-    if args.level >= 1.0:
-        raise fail("--level", "a number in (0, 1)", args.level)
+    check_report_arguments(args)
     for option, value in (("--output", args.output), ("--plot", args.plot)):
         if value is not None:
             check_output_file(value, option)
@@ -154,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         "n_bins": args.n_bins,
         "temperature": file_temperature,
     }
-    report.update(_evaluate(probs, labels, args, progress, loaded.proximity))
+    report.update(report_metrics(probs, labels, args, progress, loaded.proximity))
     if args.plot:
         reliability_diagram(
             probs, labels, n_bins=args.n_bins, path=args.plot, title=Path(args.pred_file).name
@@ -170,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
             "calibration_count": len(calib_labels),
             "temperature": temperature,
         }
-        after.update(_evaluate(scaled, labels, args, progress, loaded.proximity))
+        after.update(report_metrics(scaled, labels, args, progress, loaded.proximity))
         if args.plot:
             plot = Path(args.plot)
             after_plot = plot.with_name(f"{plot.stem}_ts{plot.suffix or '.png'}")
