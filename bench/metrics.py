@@ -1,4 +1,5 @@
-"""Bench: streaming ECE over 10^7 samples, fastcal.metrics.CalibrationMeter vs torchmetrics.
+"""Bench: streaming ECE over 10^7 samples, fastcal.metrics.CalibrationMeter vs torchmetrics; with
+--posthoc, the post-hoc calibrators' fits, fastcal.calibrate vs netcal.
 
 Both consume the same stream of (chunk, C) float32 probability chunks (a pool of distinct chunks
 cycled, so generating data is not timed) and then compute their result. torchmetrics'
@@ -14,6 +15,19 @@ bytes each metric object holds after the stream. Results go to bench/results/met
     .venv/bin/python bench/metrics.py            # 10^7 samples
     .venv/bin/python bench/metrics.py --quick    # 10^6 samples, 1 repeat
     .venv/bin/python bench/metrics.py --threads 1  # steadier timings on a shared machine
+
+--posthoc: each calibrator (ts, histogram, isotonic, vector, matrix) is fitted by fastcal and by
+netcal's equivalent (TemperatureScaling, HistogramBinning, IsotonicRegression, LogisticCalibration with
+temperature_only=False; netcal has no matrix scaling) on the same synthetic data: 90% of
+--posthoc-samples rows of --posthoc-classes miscalibrated logits (3 x the true logits plus a class
+bias), the last 10% held out. fastcal fits the float32 logits (vector scaling: their log-softmax, where
+netcal's definition coincides), netcal the float64 softmax probabilities (its API takes probabilities;
+float32 would make its TS the identity, its issue #61). Each fit runs once in a fresh subprocess, which
+also reports its peak memory and the held-out ECE after the fit. Results go to
+bench/results/metrics_posthoc.json.
+
+    .venv/bin/python bench/metrics.py --posthoc                       # 10^6 x 1,000
+    .venv/bin/python bench/metrics.py --posthoc --posthoc-samples 100000 --posthoc-calibrators ts,isotonic
 """
 
 from __future__ import annotations
@@ -111,6 +125,113 @@ def measure_times(pool, args, validate: bool) -> dict[str, harness.Runs]:
     )
 
 
+# ---- post-hoc calibrators --------------------------------------------------------------------------
+POSTHOC = ("ts", "histogram", "isotonic", "vector", "matrix")
+NETCAL = {
+    "ts": ("netcal.scaling", "TemperatureScaling", {}),
+    "histogram": ("netcal.binning", "HistogramBinning", {"bins": 10}),
+    "isotonic": ("netcal.binning", "IsotonicRegression", {}),
+    "vector": ("netcal.scaling", "LogisticCalibration", {"temperature_only": False}),
+}
+DATA_CHUNK = 100_000
+
+
+def miscalibrated_logits(samples: int, classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 logits 3 t + bias and labels drawn from softmax(t), t ~ 1.5 N(0, 1), made in chunks."""
+    generator = torch.Generator().manual_seed(seed)
+    bias = torch.linspace(-1.0, 1.0, classes)
+    logits = torch.empty(samples, classes)
+    labels = torch.empty(samples, dtype=torch.long)
+    for start in range(0, samples, DATA_CHUNK):
+        true = torch.randn(min(DATA_CHUNK, samples - start), classes, generator=generator) * 1.5
+        labels[start : start + len(true)] = torch.multinomial(
+            true.softmax(1), 1, generator=generator
+        ).squeeze(1)
+        logits[start : start + len(true)] = true * 3.0 + bias
+    return logits, labels
+
+
+def posthoc_child(library: str, calibrator: str, samples: int, classes: int) -> dict:
+    """Fit one calibrator in this (fresh) process; its fit time, peak memory and held-out ECE."""
+    import time
+    import warnings
+
+    from fastcal.metrics import ece
+
+    logits, labels = miscalibrated_logits(samples, classes)
+    split = samples * 9 // 10
+    test_labels = labels[split:]
+    if library == "fastcal":
+        from fastcal import registry
+
+        model = registry.get("calibrator", calibrator)()
+        inputs = logits.log_softmax(1) if calibrator == "vector" else logits
+        start = time.perf_counter()
+        peak, _ = harness.peak_memory(lambda: model.fit(inputs[:split], labels[:split]))
+        seconds = time.perf_counter() - start
+        after = model.transform(inputs[split:]).double()
+    else:
+        import importlib
+
+        module, name, options = NETCAL[calibrator]
+        probs = logits.double().softmax(1).numpy()
+        del logits
+        model = getattr(importlib.import_module(module), name)(**options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            start = time.perf_counter()
+            peak, _ = harness.peak_memory(lambda: model.fit(probs[:split], labels[:split].numpy()))
+            seconds = time.perf_counter() - start
+            after = torch.from_numpy(model.transform(probs[split:])).double()
+        after = after / after.sum(1, keepdim=True)  # netcal clips to [0, 1]; rows re-summed to 1
+        inputs = torch.from_numpy(probs).log()
+    before = float(ece(inputs[split:].double().softmax(1), test_labels))
+    return {
+        "seconds": seconds,
+        "peak_bytes": peak,
+        "ece_before": before,
+        "ece_after": float(ece(after, test_labels)),
+    }
+
+
+def posthoc(args, env) -> None:
+    calibrators = [c for c in args.posthoc_calibrators.split(",") if c]
+    for name in calibrators:
+        if name not in POSTHOC:
+            sys.exit(f"bench/metrics.py: --posthoc-calibrators: expected names of {POSTHOC}, got {name!r}")
+    size = {"samples": args.posthoc_samples, "classes": args.posthoc_classes}
+    rows = []
+    for name in calibrators:
+        row = {"calibrator": name, **size}
+        for library in ("fastcal", "netcal") if name in NETCAL else ("fastcal",):
+            row[library] = harness.in_subprocess(posthoc_child, library=library, calibrator=name, **size)
+        if "seconds" in row.get("netcal", {}) and "seconds" in row["fastcal"]:
+            row["time_ratio"] = row["netcal"]["seconds"] / row["fastcal"]["seconds"]
+        rows.append(row)
+    print(f"\nPost-hoc fits: {size['samples']:,} x {size['classes']:,} classes (90% fit, 10% held out)")
+    columns = [  # title, library, key, scale, format
+        ("fastcal s", "fastcal", "seconds", 1.0, ".2f"),
+        ("netcal s", "netcal", "seconds", 1.0, ".2f"),
+        ("fc peak MiB", "fastcal", "peak_bytes", 2**-20, ".0f"),
+        ("nc peak MiB", "netcal", "peak_bytes", 2**-20, ".0f"),
+        ("ECE before", "fastcal", "ece_before", 1.0, ".4f"),
+        ("fc after", "fastcal", "ece_after", 1.0, ".4f"),
+        ("nc after", "netcal", "ece_after", 1.0, ".4f"),
+    ]
+    header = f"{'calibrator':<11}{'ratio':>8}" + "".join(f"{title:>13}" for title, *_ in columns)
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        cells = []
+        for _, library, key, scale, fmt in columns:
+            result = r.get(library, {})
+            cells.append(f"{result[key] * scale:{fmt}}" if key in result else result.get("error", "-")[:12])
+        ratio = f"{r['time_ratio']:.1f}x" if "time_ratio" in r else "-"
+        print(f"{r['calibrator']:<11}{ratio:>8}" + "".join(f"{c:>13}" for c in cells))
+    print("Ratios are netcal / fastcal fit time; no numeric target for this bench.")
+    harness.write_results("metrics_posthoc", {**size, "rows": rows}, env)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10^6 samples, 1 repeat")
@@ -120,8 +241,15 @@ def main() -> None:
     parser.add_argument("--n-bins", type=int, default=15)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--posthoc", action="store_true", help="bench the post-hoc calibrators' fits instead")
+    parser.add_argument("--posthoc-samples", type=int, default=1_000_000)
+    parser.add_argument("--posthoc-classes", type=int, default=1000)
+    parser.add_argument("--posthoc-calibrators", default=",".join(POSTHOC), help="comma-separated")
     args = parser.parse_args()
     env = harness.start(args.threads)
+    if args.posthoc:
+        posthoc(args, env)
+        return
     if args.quick:
         args.samples, args.repeats = 1_000_000, 1
 

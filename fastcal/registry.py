@@ -38,6 +38,12 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "ce": "fastcal.methods.objectives:CROSS_ENTROPY",
         "calibrated": "fastcal.methods.objectives:CALIBRATED",
         "label_smoothing": "fastcal.methods.objectives:LABEL_SMOOTHING",
+        "mbls": "fastcal.methods.objectives:MBLS",
+        "confidence_penalty": "fastcal.methods.objectives:CONFIDENCE_PENALTY",
+        "focal": "fastcal.methods.objectives:FOCAL",
+        "mdca": "fastcal.methods.objectives:MDCA",
+        "zs_norm": "fastcal.methods.objectives:ZS_NORM",
+        "penalty": "fastcal.methods.objectives:ZEROSHOT_PENALTY",
     },
     "regularizer": {
         "kgcoop": "fastcal.methods.objectives:KnowledgeGuidance",
@@ -62,6 +68,11 @@ BUILTIN: dict[str, dict[str, Any]] = {
     },
     "calibrator": {
         "ts": "fastcal.calibrate:TemperatureScaler",
+        "vector": "fastcal.calibrate:VectorScaler",
+        "matrix": "fastcal.calibrate:MatrixScaler",
+        "histogram": "fastcal.calibrate:HistogramBinning",
+        "isotonic": "fastcal.calibrate:IsotonicCalibrator",
+        "dac": "fastcal.calibrate:DistanceAwareCalibrator",
     },
 }
 

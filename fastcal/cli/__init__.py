@@ -16,6 +16,7 @@ from typing import NoReturn
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "metrics": ("fastcal.cli.metrics", "calibration report (JSON) for a file of predictions"),
+    "calibrate": ("fastcal.cli.calibrate", "post-hoc calibration of saved predictions (TS ... DAC)"),
     "demo": ("fastcal.cli.demo", "the main job: every method on the embedded testbed, one table"),
     "zeroshot": ("fastcal.cli.zeroshot", "zero-shot accuracy and calibration on a dataset"),
     "train": ("fastcal.cli.train", "prompt tuning (CoOp, CoCoOp, KgCoOp, MaPLe, VPT)"),

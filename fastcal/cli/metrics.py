@@ -5,7 +5,9 @@ PRED_FILE is a .npz or .pt file holding `labels` (N,) integers and either `logit
 predictions/<group>.npz; logits are divided by the file's `temperature` when it has one (so a run's
 saved predictions give the report of its results.json). The report has accuracy, ece, mce,
 l2, l2_debiased, ace, classwise_ece, smooth_ece, brier, nll and mean confidence (top-label, uniform
-(lo, hi] bins unless named otherwise), the bin count, and percentile bootstrap intervals.
+(lo, hi] bins unless named otherwise), aurc and augrc (risk-coverage areas, ties grouped), piece when
+the file holds each sample's proximity (a run's saved predictions do), the bin count, and percentile
+bootstrap intervals.
 
 With --temperature-from CALIB_FILE, a temperature is fitted on that file (same format; its classes
 may differ from PRED_FILE's) and the report is repeated for softmax(logits / T). Probabilities are
@@ -27,83 +29,45 @@ CHUNK_ROWS = 1 << 16
 MAX_BOOTSTRAP = 100_000
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("pred_file", metavar="PRED_FILE", help=".npz or .pt with logits or probs, and labels")
+def add_report_arguments(parser: argparse.ArgumentParser, *, bootstrap: int) -> None:
+    """The options of the report (``--n-bins``, the bootstrap's); ``check_report_arguments`` checks them."""
     parser.add_argument(
         "--n-bins", type=int, default=15, help="bins for the binned metrics (default 15, at most 1,000,000)"
     )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=bootstrap,
+        metavar="N",
+        help=f"bootstrap resamples for intervals (0: none; default {bootstrap})",
+    )
+    parser.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+
+
+def check_report_arguments(args: argparse.Namespace) -> None:
+    """One-line errors for report options out of range."""
+    from fastcal._checks import check_int, check_number, fail
+    from fastcal.metrics.functional import MAX_BINS
+
+    check_int("--n-bins", args.n_bins, minimum=1, maximum=MAX_BINS)
+    check_int("--bootstrap", args.bootstrap, minimum=0, maximum=MAX_BOOTSTRAP)
+    check_number("--level", args.level, minimum=0.0, maximum=1.0, strict_minimum=True)
+    if args.level >= 1.0:
+        raise fail("--level", "a number in (0, 1)", args.level)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pred_file", metavar="PRED_FILE", help=".npz or .pt with logits or probs, and labels")
     parser.add_argument("--plot", metavar="PNG", help="write a reliability diagram to this PNG file")
     parser.add_argument(
         "--temperature-from",
         metavar="CALIB_FILE",
         help="fit temperature scaling on this file; report after it",
     )
-    parser.add_argument(
-        "--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples for intervals (0: none)"
-    )
-    parser.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    add_report_arguments(parser, bootstrap=1000)
     parser.add_argument("--output", metavar="JSON", help="also write the report to this file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars, even on large files")
-
-
-def load_predictions(path: str | Path, name: str = "PRED_FILE"):
-    """(scores, labels, kind) from a .npz/.pt file; kind is "logits" or "probs". Every defect of the
-    file (missing, unreadable, corrupt, wrong keys, non-numeric or empty arrays, fewer than 2 classes)
-    is a one-line error naming ``name`` and the file; nothing in the file is executed."""
-    import numpy as np
-    import torch
-
-    from fastcal._checks import check_labels, check_tensor, fail
-    from fastcal._io import load_torch_file
-
-    path = Path(path)
-    if path.suffix not in (".npz", ".pt"):
-        raise fail(name, "a .npz or .pt file", repr(str(path)))
-    if not path.is_file():
-        raise FileNotFoundError(f"{name}: no such file {str(path)!r}")
-    if path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                data = {key: archive[key] for key in archive.files}
-        except Exception as e:  # zipfile, numpy and OS errors of a damaged archive
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-            raise fail(
-                name, "a readable .npz archive", f"{str(path)!r}, which is not one ({first})"
-            ) from None
-    else:
-        data = load_torch_file(path, what=name)
-        if not isinstance(data, dict):
-            raise fail(name, f"a dict of tensors in {str(path)!r}", type(data).__name__)
-    kind = next((k for k in ("logits", "probs") if k in data), None)
-    if kind is None or "labels" not in data:
-        raise fail(
-            name, f"keys 'labels' and 'logits' or 'probs' in {str(path)!r}", f"keys {sorted(map(str, data))}"
-        )
-    arrays = {}
-    for key in (kind, "labels"):
-        try:
-            arrays[key] = torch.as_tensor(
-                np.asarray(data[key]) if not torch.is_tensor(data[key]) else data[key]
-            )
-        except (TypeError, ValueError, RuntimeError):
-            raise fail(f"{name}[{key!r}]", "a numeric array", type(data[key]).__name__) from None
-    scores, labels = arrays[kind], arrays["labels"]
-    check_tensor(f"{name}[{kind!r}]", scores, ndim=2, floating=True, finite=False)
-    if scores.shape[1] < 2:
-        raise fail(
-            f"{name}[{kind!r}]",
-            "at least 2 classes (columns): calibration of 1 class is void",
-            scores.shape[1],
-        )
-    check_labels(f"{name}['labels']", labels, scores.shape[0], scores.shape[1])
-    temperature = 1.0
-    if kind == "logits" and "temperature" in data:
-        value = np.asarray(data["temperature"])
-        if value.shape != () or not np.issubdtype(value.dtype, np.number) or not float(value) > 0:
-            raise fail(f"{name}['temperature']", "a positive number", repr(value)[:80])
-        temperature = float(value)
-    return scores, labels, kind, temperature
 
 
 def _to_probs(scores, kind: str):
@@ -128,8 +92,8 @@ def _to_logits(scores, kind: str):
     return scores.double().clamp(min=torch.finfo(torch.float64).tiny).log()
 
 
-def _metrics(probs, labels, n_bins: int, progress: bool) -> dict:
-    from fastcal.metrics import CalibrationMeter, calibration_error, smooth_ece
+def _metrics(probs, labels, n_bins: int, progress: bool, proximity=None) -> dict:
+    from fastcal.metrics import CalibrationMeter, augrc, aurc, calibration_error, piece, smooth_ece
 
     meter = CalibrationMeter(n_bins)
     chunks = range(0, len(labels), CHUNK_ROWS)
@@ -144,13 +108,19 @@ def _metrics(probs, labels, n_bins: int, progress: bool) -> dict:
     report["ace"] = float(calibration_error(probs, labels, n_bins=n_bins, binning="quantile"))
     report["classwise_ece"] = float(calibration_error(probs, labels, n_bins=n_bins, kind="classwise"))
     report["smooth_ece"] = float(smooth_ece(probs, labels))
+    report["aurc"] = float(aurc(probs, labels))
+    report["augrc"] = float(augrc(probs, labels))
+    if proximity is not None:
+        report["piece"] = float(piece(probs, labels, proximity))
     return report
 
 
-def _evaluate(probs, labels, args, progress: bool) -> dict:
+def report_metrics(probs, labels, args, progress: bool, proximity=None) -> dict:
+    """``{"metrics": ..., "intervals": ...}`` of ``probs``: the report of this command (module docstring)
+    with the options of ``add_report_arguments``; PIECE when each row's ``proximity`` is given."""
     from fastcal.metrics import bootstrap_report
 
-    result = {"metrics": _metrics(probs, labels, args.n_bins, progress)}
+    result = {"metrics": _metrics(probs, labels, args.n_bins, progress, proximity)}
     if args.bootstrap > 0:
         intervals = bootstrap_report(
             probs,
@@ -167,30 +137,28 @@ def _evaluate(probs, labels, args, progress: bool) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastcal._checks import check_int, check_number, check_tensor, fail
+    from fastcal._checks import check_tensor
     from fastcal._io import write_json_atomic
     from fastcal.calibrate import fit_temperature
     from fastcal.metrics import reliability_diagram
-    from fastcal.metrics.functional import MAX_BINS, check_probabilities
+    from fastcal.metrics.functional import check_probabilities
     from fastcal.runs.folder import check_output_file
+    from fastcal.runs.predictions import load_predictions
 
-    check_int("--n-bins", args.n_bins, minimum=1, maximum=MAX_BINS)
-    check_int("--bootstrap", args.bootstrap, minimum=0, maximum=MAX_BOOTSTRAP)
-    check_number("--level", args.level, minimum=0.0, maximum=1.0, strict_minimum=True)
-    if args.level >= 1.0:
-        raise fail("--level", "a number in (0, 1)", args.level)
+    check_report_arguments(args)
     for option, value in (("--output", args.output), ("--plot", args.plot)):
         if value is not None:
             check_output_file(value, option)
 
-    scores, labels, kind, file_temperature = load_predictions(args.pred_file)
+    loaded = load_predictions(args.pred_file)
+    scores, labels, kind, file_temperature = loaded[:4]
     if file_temperature != 1.0:  # a run's saved predictions: report them as the run did
         scores = scores / file_temperature
     calibration = None
     if args.temperature_from:
         calib_scores, calib_labels, calib_kind, _ = load_predictions(
             args.temperature_from, "--temperature-from"
-        )
+        )[:4]
         check_tensor("--temperature-from", calib_scores, ndim=2, floating=True)
         calibration = (_to_logits(calib_scores, calib_kind), calib_labels, calib_kind)
     probs = _to_probs(scores, kind)
@@ -205,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         "n_bins": args.n_bins,
         "temperature": file_temperature,
     }
-    report.update(_evaluate(probs, labels, args, progress))
+    report.update(report_metrics(probs, labels, args, progress, loaded.proximity))
     if args.plot:
         reliability_diagram(
             probs, labels, n_bins=args.n_bins, path=args.plot, title=Path(args.pred_file).name
@@ -221,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
             "calibration_count": len(calib_labels),
             "temperature": temperature,
         }
-        after.update(_evaluate(scaled, labels, args, progress))
+        after.update(report_metrics(scaled, labels, args, progress, loaded.proximity))
         if args.plot:
             plot = Path(args.plot)
             after_plot = plot.with_name(f"{plot.stem}_ts{plot.suffix or '.png'}")

@@ -28,13 +28,14 @@ def summary(results: dict[str, Any]) -> str:
     """One line per evaluated group: accuracy and ECE in percent, then HM."""
     lines = []
     for group, report in results.items():
-        if isinstance(report, dict) and "ece" in report:
+        if group != "hm" and isinstance(report, dict) and "ece" in report:
             lines.append(
                 f"{group:>5}: accuracy {100 * report['accuracy']:.2f}  "
                 f"ECE({report['n_bins']} bins) {100 * report['ece']:.2f}"
             )
     if "hm" in results:
-        lines.append(f"   HM: accuracy {100 * results['hm']['accuracy']:.2f}")
+        hm = results["hm"]
+        lines.append(f"   HM: accuracy {100 * hm['accuracy']:.2f}  ECE {100 * hm['ece']:.2f}")
     return "\n".join(lines)
 
 

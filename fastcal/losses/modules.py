@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fastcal._checks import check_choice, check_number
+from fastcal.losses import baselines as B
 from fastcal.losses import functional as LF
 from fastcal.ops import BACKENDS, REDUCTIONS
 
@@ -134,3 +135,70 @@ class MarginalEntropy(nn.Module):
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         return LF.marginal_entropy(logits, reduction=self.reduction)
+
+
+class MbLSLoss(nn.Module):
+    """MbLS, CE + alpha mean relu(max z - z - margin) (see ``mbls_loss``)."""
+
+    def __init__(self, margin: float = B.MBLS_MARGIN, alpha: float = B.MBLS_ALPHA, reduction: str = "mean"):
+        super().__init__()
+        self.margin = check_number("margin", margin, minimum=0.0)
+        self.alpha = check_number("alpha", alpha, minimum=0.0)
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return B.mbls_loss(logits, labels, margin=self.margin, alpha=self.alpha, reduction=self.reduction)
+
+
+class ConfidencePenaltyLoss(nn.Module):
+    """CE - weight x entropy / C (see ``confidence_penalty_loss``)."""
+
+    def __init__(self, weight: float = B.CONFIDENCE_PENALTY_WEIGHT, reduction: str = "mean"):
+        super().__init__()
+        self.weight = check_number("weight", weight, minimum=0.0)
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return B.confidence_penalty_loss(logits, labels, weight=self.weight, reduction=self.reduction)
+
+
+class FocalLoss(nn.Module):
+    """Focal loss, or FLSD-53 with ``adaptive=True`` (see ``focal_loss``)."""
+
+    def __init__(self, gamma: float = B.FOCAL_GAMMA, adaptive: bool = False, reduction: str = "mean"):
+        super().__init__()
+        self.gamma = check_number("gamma", gamma, minimum=0.0)
+        self.adaptive = bool(adaptive)
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return B.focal_loss(
+            logits, labels, gamma=self.gamma, adaptive=self.adaptive, reduction=self.reduction
+        )
+
+
+class MDCALoss(nn.Module):
+    """MDCA over the batch, CE not included (see ``mdca_loss``)."""
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return B.mdca_loss(logits, labels)
+
+
+class ZSNormLoss(nn.Module):
+    """CE of the logits min-max rescaled to the zero-shot range (see ``zs_norm_loss``)."""
+
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+
+    def forward(
+        self, logits: torch.Tensor, zeroshot_logits: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        return B.zs_norm_loss(logits, zeroshot_logits, labels, reduction=self.reduction)
+
+
+class ZeroshotPenalty(nn.Module):
+    """The logits' excursions outside the zero-shot range, unweighted (see ``zeroshot_penalty``)."""
+
+    def forward(self, logits: torch.Tensor, zeroshot_logits: torch.Tensor) -> torch.Tensor:
+        return B.zeroshot_penalty(logits, zeroshot_logits)

@@ -22,6 +22,21 @@ Losses (all from ``fastcal.losses``):
   two moments of the tuned and frozen class features, fused. With one classifier per image (CoCoOp),
   which the fused function does not take, the same terms are composed on the logits and the moment gap
   is averaged over the images' classifiers (``_per_image_calibrated``).
+
+The train-time calibration baselines TCPT and DOR compare against (``fastcal.losses.baselines``, each
+with its reference's defaults):
+
+- ``"mbls"``: MbLS, CE + ``mbls_alpha`` mean relu(max z - z - ``mbls_margin``) (margin 10, alpha 0.1).
+- ``"confidence_penalty"``: CE - ``confidence_penalty_weight`` x entropy / C (weight 0.1).
+- ``"focal"``: focal loss with ``focal_gamma`` (3), FLSD-53's per-sample gamma with ``focal_adaptive``.
+- ``"mdca"``: CE + ``mdca_weight`` x MDCA (weight 1).
+- ``"zs_norm"``: CE of the logits min-max rescaled onto the zero-shot logits' range (no weight).
+- ``"penalty"``: CE + ``zeroshot_penalty_weight`` x the logits' excursions outside the zero-shot range
+  (weight 10).
+
+The last two need the frozen zero-shot CLIP's logits of the batch's images (``zeroshot_logits``): from
+the batch's frozen features, or for a method that prompts the image encoder, one more pass of the
+unprompted encoder over the images (as TCPT's trainers run ``ZeroshotCLIP.model_inference``).
 """
 
 from __future__ import annotations
@@ -48,6 +63,8 @@ class StepBatch:
 
     ``frozen_text_features`` (C, D): L2-normalized zero-shot features of the training classes (the
     config's ``frozen_templates``), the anchor of the calibrated loss's moment term and of KgCoOp.
+    ``inputs``: what the method was given (frozen image features or images, ``method.input_kind``), for
+    terms that need the frozen model's view of the batch (``zeroshot_logits``).
     """
 
     output: MethodOutput
@@ -55,6 +72,27 @@ class StepBatch:
     method: PromptMethod
     frozen_text_features: torch.Tensor
     epoch: int
+    inputs: Any = None
+
+
+def zeroshot_logits(batch: StepBatch) -> torch.Tensor:
+    """The frozen zero-shot CLIP's logits of the batch's images over the training classes,
+    ``exp(logit_scale) <f0_i, t0_c>`` with f0 the unprompted image features (the batch's features, or
+    the frozen encoder run on its images) and t0 ``frozen_text_features``; no gradient."""
+    if batch.inputs is None:
+        raise fail(
+            "StepBatch.inputs", "the batch's images or frozen image features (for the zero-shot logits)", None
+        )
+    method = batch.method
+    dtype = torch.promote_types(batch.output.logits.dtype, torch.float32)
+    with torch.no_grad():
+        features = batch.inputs
+        if method.input_kind != "features":
+            features = method.clip_model.encode_image(features)
+        with torch.autocast(batch.labels.device.type, enabled=False):
+            image = F.normalize(features.to(dtype), dim=-1)
+            text = F.normalize(batch.frozen_text_features.to(dtype), dim=-1)
+            return method.clip_model.logit_scale.to(dtype).exp() * image @ text.T
 
 
 @dataclass
@@ -236,6 +274,33 @@ def _per_image_calibrated(
     return total
 
 
+class BaselineLoss:
+    """A loss of ``fastcal.losses.baselines`` that is the whole objective, on the method's logits:
+    ``function(logits, labels, **options)``, or ``function(logits, zeroshot_logits, labels, **options)``
+    when ``zeroshot``."""
+
+    def __init__(self, function: Callable[..., torch.Tensor], *, zeroshot: bool = False, **options: Any):
+        self.function, self.zeroshot, self.options = function, zeroshot, options
+
+    def __call__(self, batch: StepBatch) -> torch.Tensor:
+        logits = batch.output.logits
+        if self.zeroshot:
+            return self.function(logits, zeroshot_logits(batch), batch.labels, **self.options)
+        return self.function(logits, batch.labels, **self.options)
+
+
+class CrossEntropyPlus:
+    """CE + ``weight`` x ``term(logits, labels)`` or, for a zero-shot term, ``term(logits, zeroshot)``."""
+
+    def __init__(self, term: Callable[..., torch.Tensor], weight: float, *, zeroshot: bool = False) -> None:
+        self.term, self.weight, self.zeroshot = term, weight, zeroshot
+
+    def __call__(self, batch: StepBatch) -> torch.Tensor:
+        logits = batch.output.logits
+        second = zeroshot_logits(batch) if self.zeroshot else batch.labels
+        return F.cross_entropy(logits, batch.labels) + self.weight * self.term(logits, second)
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """A loss as runs choose it by name (``fastcal.registry`` kind ``"loss"``).
@@ -280,6 +345,56 @@ CALIBRATED = LossSpec(
     ),
     {"margin_alpha": 0.1, "margin_beta": 0.01, "moment_weight": 5.0, "label_smoothing": 0.0},
     "calibrated loss",
+)
+
+
+def _loss_function(name: str) -> Callable[..., torch.Tensor]:
+    from fastcal.losses import baselines
+
+    return getattr(baselines, name)
+
+
+MBLS = LossSpec(
+    "mbls",
+    ("mbls_margin", "mbls_alpha"),
+    lambda o: BaselineLoss(_loss_function("mbls_loss"), margin=o["mbls_margin"], alpha=o["mbls_alpha"]),
+    {"mbls_margin": 10.0, "mbls_alpha": 0.1},
+    "MbLS",
+)
+CONFIDENCE_PENALTY = LossSpec(
+    "confidence_penalty",
+    ("confidence_penalty_weight",),
+    lambda o: BaselineLoss(_loss_function("confidence_penalty_loss"), weight=o["confidence_penalty_weight"]),
+    {"confidence_penalty_weight": 0.1},
+    "confidence penalty",
+)
+FOCAL = LossSpec(
+    "focal",
+    ("focal_gamma", "focal_adaptive"),
+    lambda o: BaselineLoss(
+        _loss_function("focal_loss"), gamma=o["focal_gamma"], adaptive=o["focal_adaptive"]
+    ),
+    {"focal_gamma": 3.0, "focal_adaptive": False},
+    "focal loss",
+)
+MDCA = LossSpec(
+    "mdca",
+    ("mdca_weight",),
+    lambda o: CrossEntropyPlus(_loss_function("mdca_loss"), o["mdca_weight"]),
+    {"mdca_weight": 1.0},
+    "CE + MDCA",
+)
+ZS_NORM = LossSpec(
+    "zs_norm", (), lambda o: BaselineLoss(_loss_function("zs_norm_loss"), zeroshot=True), {}, "ZS-Norm"
+)
+ZEROSHOT_PENALTY = LossSpec(
+    "penalty",
+    ("zeroshot_penalty_weight",),
+    lambda o: CrossEntropyPlus(
+        _loss_function("zeroshot_penalty"), o["zeroshot_penalty_weight"], zeroshot=True
+    ),
+    {"zeroshot_penalty_weight": 10.0},
+    "CE + zero-shot penalty",
 )
 
 

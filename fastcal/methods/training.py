@@ -192,7 +192,7 @@ class TrainingStep:
         """The objective on a batch of the method's ``inputs`` (``method.output``'s) and its logits,
         with gradients, without a backward."""
         output = self.method.output(inputs)
-        batch = StepBatch(output, labels, self.method, self.frozen_text_features(), self.epoch)
+        batch = StepBatch(output, labels, self.method, self.frozen_text_features(), self.epoch, inputs=inputs)
         loss = self.loss(batch)
         for regularizer in self.regularizers:
             loss = loss + regularizer(batch)

@@ -54,7 +54,7 @@ ROW_SUM_TOLERANCE = 1e-3
 MAX_BINS = 1_000_000
 NLL_EPS = 1e-12
 REPORT_KEYS = ("accuracy", "ece", "mce", "l2", "brier", "nll", "confidence", "count", "n_bins")
-SUMMARY_KEYS = (*REPORT_KEYS, "ace", "classwise_ece")
+SUMMARY_KEYS = (*REPORT_KEYS, "ace", "classwise_ece", "aurc", "augrc")
 BOOTSTRAP_KEYS = ("accuracy", "ece", "mce", "l2", "brier", "nll", "confidence", "ace", "smooth_ece")
 
 _f64 = torch.float64
@@ -421,13 +421,48 @@ def calibration_report(probs: torch.Tensor, labels: torch.Tensor, *, n_bins: int
     return report_from_sums(sums, stats.brier.sum(), stats.nll.sum(), n_bins)
 
 
-def calibration_summary(probs: torch.Tensor, labels: torch.Tensor, *, n_bins: int = 15) -> dict[str, float]:
+def calibration_summary(
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    n_bins: int = 15,
+    proximity: torch.Tensor | None = None,
+) -> dict[str, float]:
     """What every fastcal run reports for an evaluated group: ``calibration_report``'s keys plus ``ace``
-    (top-label, ``n_bins`` equal-mass bins) and ``classwise_ece`` (``n_bins`` uniform bins per class)."""
+    (top-label, ``n_bins`` equal-mass bins), ``classwise_ece`` (``n_bins`` uniform bins per class),
+    ``aurc`` and ``augrc`` (``fastcal.metrics.selective``, ties grouped) and, given each row's
+    ``proximity`` (N,), ``piece`` (``fastcal.metrics.proximity``, TCPT's 10 x 10 bins)."""
+    from fastcal.metrics.proximity import piece
+    from fastcal.metrics.selective import augrc, aurc
+
     report = calibration_report(probs, labels, n_bins=n_bins)
     report["ace"] = float(calibration_error(probs, labels, n_bins=n_bins, binning="quantile"))
     report["classwise_ece"] = float(calibration_error(probs, labels, n_bins=n_bins, kind="classwise"))
+    report["aurc"] = float(aurc(probs, labels))
+    report["augrc"] = float(augrc(probs, labels))
+    if proximity is not None:
+        report["piece"] = float(piece(probs, labels, proximity))
     return report
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    """2ab / (a + b) (0 when both are 0): the HM column of base-to-new tables."""
+    return 0.0 if a + b == 0 else 2.0 * a * b / (a + b)
+
+
+def base_new_means(base: dict[str, float], new: dict[str, float]) -> dict[str, float]:
+    """The summary of a base-to-new evaluation from its two reports: ``accuracy`` and ``ece``, the
+    harmonic means of the base and new values, and ``mean_ece``, their arithmetic mean.
+
+    ``mean_ece`` is what DOR's tables (ICML 2025) print as "HM ECE": all nine rows of its main table
+    equal (base + new) / 2 to the printed rounding (CoOp: 3.07 and 14.58 -> 8.82; the harmonic mean
+    would be 5.07), so compare with those tables on ``mean_ece``.
+    """
+    return {
+        "accuracy": harmonic_mean(base["accuracy"], new["accuracy"]),
+        "ece": harmonic_mean(base["ece"], new["ece"]),
+        "mean_ece": (base["ece"] + new["ece"]) / 2.0,
+    }
 
 
 def bootstrap_indices(n_rows: int, n: int, seed: int, device=None) -> Iterator[torch.Tensor]:

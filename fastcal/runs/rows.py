@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
+from fastcal.metrics import harmonic_mean
+
 
 class Row(TypedDict, total=False):
     """One method's line in a table (module docstring); ``stage`` and ``hm_accuracy`` are added by
@@ -21,10 +23,6 @@ class Row(TypedDict, total=False):
     notes: dict[str, Any]
     stage: str
     hm_accuracy: float
-
-
-def harmonic_mean(a: float, b: float) -> float:
-    return 0.0 if a + b == 0 else 2.0 * a * b / (a + b)
 
 
 def check_row(stage: str, row: Any) -> dict[str, Any]:

@@ -131,7 +131,7 @@ def zeroshot_report(
     Returns rows ``{"section", "method", "metrics": {group: report}, "notes": {...}}``.
     """
     from fastcal.calibrate import fit_temperature
-    from fastcal.metrics import calibration_summary
+    from fastcal.metrics import calibration_summary, knn_proximity
 
     if isinstance(modes, str) or not modes:
         raise fail("modes", f"a non-empty list of {PROMPT_MODES}", repr(modes))
@@ -153,6 +153,11 @@ def zeroshot_report(
         if torch.isin(cal_labels, torch.as_tensor(base.classes)).any():
             cal_rows = calibration_subset(cal_labels, base.classes, calibration_size, seed)
     logit_scale = clip.model.logit_scale.detach().float()
+    proximity = {}  # per group: each image's proximity to the group's other images, for PIECE
+    for group in groups:
+        rows_in_group = torch.isin(test_labels, torch.as_tensor(list(group.classes)))
+        if int(rows_in_group.sum()) > 1:
+            proximity[group.name] = knn_proximity(test_features[rows_in_group])
 
     rows = []
     for mode in modes:
@@ -176,7 +181,9 @@ def zeroshot_report(
             for group in groups:
                 group_logits, group_labels = restrict(logits, test_labels, group.classes)
                 probs = torch.softmax(group_logits / (temperature if scaled else 1.0), dim=-1)
-                metrics[group.name] = calibration_summary(probs, group_labels, n_bins=n_bins)
+                metrics[group.name] = calibration_summary(
+                    probs, group_labels, n_bins=n_bins, proximity=proximity.get(group.name)
+                )
                 if predictions is not None:
                     names = [splits.classnames[c] for c in group.classes]
                     save_predictions(
@@ -188,6 +195,7 @@ def zeroshot_report(
                         temperature=temperature if scaled else 1.0,
                         text_features=class_features[list(group.classes)],
                         zeroshot_text_features=class_features[list(group.classes)],
+                        proximity=proximity.get(group.name),
                     )
                 if figure is not None:
                     written = figure(f"{stem}_{group.name}", probs, group_labels, f"{method} ({group.name})")

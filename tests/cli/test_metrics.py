@@ -12,7 +12,15 @@ import torch
 import fastcal.cli.metrics as metrics_cli
 from fastcal.calibrate import fit_temperature
 from fastcal.cli import main
-from fastcal.metrics import bootstrap_interval, calibration_error, calibration_report, ece, smooth_ece
+from fastcal.metrics import (
+    augrc,
+    aurc,
+    bootstrap_interval,
+    calibration_error,
+    calibration_report,
+    ece,
+    smooth_ece,
+)
 
 f64 = torch.float64
 
@@ -30,6 +38,8 @@ def expected_metrics(probs, labels, n_bins):
     expected["ace"] = float(calibration_error(probs, labels, n_bins=n_bins, binning="quantile"))
     expected["classwise_ece"] = float(calibration_error(probs, labels, n_bins=n_bins, kind="classwise"))
     expected["smooth_ece"] = float(smooth_ece(probs, labels))
+    expected["aurc"] = float(aurc(probs, labels))
+    expected["augrc"] = float(augrc(probs, labels))
     return expected
 
 

@@ -48,3 +48,27 @@ def test_train_on_the_testbed(testbed_cache, tmp_path, capsys):
 def test_train_usage_errors(cache_dir, argv, message, capsys):
     assert main(["train", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_calibration_baseline_on_a_prompted_image_encoder(testbed_cache, tmp_path):
+    """ZS-Norm needs the frozen zero-shot logits; VPT prompts the image encoder, so every step runs the
+    unprompted one too. Its results.json carries the selective and proximity metrics."""
+    output = tmp_path / "run"
+    argv = [
+        "train",
+        "--method",
+        "vpt",
+        "--loss",
+        "zs_norm",
+        "--epochs=1",
+        "--shots",
+        "2",
+        "--output",
+        str(output),
+    ]
+    assert main([*argv, "--quiet"]) == 0
+    results = json.loads((output / "results.json").read_text())
+    assert results["config"]["loss"] == "zs_norm"
+    for group in ("base", "new"):
+        assert {"aurc", "augrc", "piece"} <= set(results[group])
+    assert set(results["hm"]) == {"accuracy", "ece", "mean_ece"}

@@ -1,6 +1,8 @@
 """The loss choices and regularizers against the formulas written out in float64 and against the fused
 ``fastcal.losses`` functions."""
 
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from fastcal.methods.objectives import (
     build_loss,
     build_regularizers,
     loss_options,
+    zeroshot_logits,
 )
 
 LOSS_CONFIG = {"margin_alpha": 0.1, "margin_beta": 0.01, "moment_weight": 5.0, "label_smoothing": 0.0}
@@ -150,3 +153,72 @@ def test_clip_logits_stay_float32_under_autocast():
         mixed = clip_logits(image, text, torch.tensor(4.6))
     assert mixed.logits.dtype == torch.float32
     torch.testing.assert_close(mixed.logits, plain.logits, rtol=1e-6, atol=1e-5)
+
+
+BASELINE_OPTIONS = {
+    "mbls_margin": 2.0,
+    "mbls_alpha": 0.1,
+    "confidence_penalty_weight": 0.1,
+    "focal_gamma": 3.0,
+    "focal_adaptive": True,
+    "mdca_weight": 1.0,
+    "zeroshot_penalty_weight": 10.0,
+}
+
+
+class FrozenClip(torch.nn.Module):
+    """What ``zeroshot_logits`` reads of a method's CLIP: the log-scale and the unprompted encoder."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit_scale = torch.nn.Parameter(torch.tensor(4.6052, dtype=torch.float64))
+        self.visual = torch.nn.Linear(6, 13, dtype=torch.float64)
+
+    def encode_image(self, images):
+        return self.visual(images)
+
+
+def test_the_baseline_losses_from_the_registry():
+    """Each baseline loss is its fastcal.losses function on the method's logits (with the frozen
+    zero-shot logits exp(s) <f0, t0> where it needs them), and trains the text features."""
+    from fastcal.losses import baselines as B
+
+    step, text = batch((7, 13), seed=2)
+    features = torch.randn(9, 13, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = clip_logits(features, text, torch.tensor(2.5, dtype=torch.float64))
+    clip = FrozenClip()
+    method = types.SimpleNamespace(input_kind="features", clip_model=clip)
+    step = StepBatch(out, step.labels, method, step.frozen_text_features, 0, inputs=features)
+    zeroshot = clip.logit_scale.detach().exp() * F.normalize(features, dim=-1) @ step.frozen_text_features.T
+    torch.testing.assert_close(zeroshot_logits(step), zeroshot)
+    logits, labels = out.logits, step.labels
+    expected = {
+        "mbls": B.mbls_loss(logits, labels, margin=2.0, alpha=0.1),
+        "confidence_penalty": B.confidence_penalty_loss(logits, labels, weight=0.1),
+        "focal": B.focal_loss(logits, labels, gamma=3.0, adaptive=True),
+        "mdca": F.cross_entropy(logits, labels) + B.mdca_loss(logits, labels),
+        "zs_norm": B.zs_norm_loss(logits, zeroshot, labels),
+        "penalty": F.cross_entropy(logits, labels) + 10.0 * B.zeroshot_penalty(logits, zeroshot),
+    }
+    for name, value in expected.items():
+        assert name in registry.names("loss")
+        got = build_loss(name, BASELINE_OPTIONS)(step)
+        torch.testing.assert_close(got, value)
+        (grad,) = torch.autograd.grad(got, text, retain_graph=True)
+        assert grad.abs().sum() > 0, name
+    defaults = loss_options("mbls", {"mbls_margin": None, "mbls_alpha": None})
+    assert defaults == {"mbls_margin": None, "mbls_alpha": None}  # TrainConfig's fields carry the defaults
+
+
+def test_zeroshot_logits_of_a_prompted_image_encoder_run_the_frozen_encoder():
+    clip = FrozenClip()
+    images = torch.randn(4, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    frozen = F.normalize(torch.randn(3, 13, dtype=torch.float64), dim=-1)
+    prompted = clip_logits(torch.randn(4, 13, dtype=torch.float64), frozen, clip.logit_scale)
+    method = types.SimpleNamespace(input_kind="images", clip_model=clip)
+    step = StepBatch(prompted, torch.tensor([0, 1, 2, 0]), method, frozen, 0, inputs=images)
+    expected = clip.logit_scale.exp() * F.normalize(clip.encode_image(images), dim=-1) @ frozen.T
+    torch.testing.assert_close(zeroshot_logits(step), expected.detach())
+    assert not zeroshot_logits(step).requires_grad
+    with pytest.raises(ValueError, match=r"StepBatch\.inputs: expected the batch's images"):
+        zeroshot_logits(StepBatch(prompted, step.labels, method, frozen, 0))

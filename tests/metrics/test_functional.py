@@ -570,3 +570,39 @@ def test_half_precision_probabilities_are_probabilities(dtype):
     assert got["ece"] == pytest.approx(want["ece"], abs=4 * torch.finfo(dtype).eps)
     with pytest.raises(ValueError, match="pass probabilities, not logits"):
         calibration_report(logits.to(dtype), labels)
+
+
+def test_calibration_summary_adds_the_selective_and_proximity_metrics():
+    from fastcal.metrics import SUMMARY_KEYS, augrc, aurc, calibration_summary, piece
+
+    g = torch.Generator().manual_seed(17)
+    probs = torch.softmax(torch.randn(211, 5, generator=g, dtype=torch.float64) * 2, 1)
+    labels = torch.randint(0, 5, (211,), generator=g)
+    proximity = torch.rand(211, generator=g, dtype=torch.float64)
+    summary = calibration_summary(probs, labels, n_bins=12)
+    assert tuple(summary) == SUMMARY_KEYS
+    assert summary["aurc"] == float(aurc(probs, labels)) and summary["augrc"] == float(augrc(probs, labels))
+    with_piece = calibration_summary(probs, labels, n_bins=12, proximity=proximity)
+    assert with_piece["piece"] == float(piece(probs, labels, proximity))
+
+
+def test_base_new_means_and_the_dor_tables():
+    """DOR's main table (ICML 2025), base / new / "HM" ECE: every row's third column is the arithmetic
+    mean of the first two to the printed rounding, none is the harmonic mean."""
+    from fastcal.metrics import base_new_means, harmonic_mean
+
+    rows = [(4.30, 5.79, 5.05), (3.07, 14.58, 8.82), (2.67, 6.49, 4.58), (3.10, 8.98, 6.04)]
+    rows += [
+        (2.73, 6.33, 4.53),
+        (4.86, 6.56, 5.71),
+        (3.31, 5.47, 4.39),
+        (2.92, 7.82, 5.37),
+        (2.57, 5.95, 4.26),
+    ]
+    for base, new, printed in rows:
+        means = base_new_means({"accuracy": 0.8, "ece": base}, {"accuracy": 0.6, "ece": new})
+        assert abs(means["mean_ece"] - printed) <= 0.0051
+        assert abs(means["ece"] - printed) > 0.05
+        assert means["ece"] == harmonic_mean(base, new) == pytest.approx(2 * base * new / (base + new))
+        assert means["accuracy"] == pytest.approx(2 * 0.8 * 0.6 / 1.4)
+    assert harmonic_mean(0.0, 0.0) == 0.0

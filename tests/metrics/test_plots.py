@@ -68,3 +68,21 @@ def test_validates_inputs():
         reliability_diagram(probs, labels, n_bins=0)
     with pytest.raises(ValueError, match="labels: expected 40 labels"):
         reliability_diagram(probs, labels[:-1])
+
+
+def test_risk_coverage_plot(tmp_path):
+    from fastcal.metrics import augrc, aurc, risk_coverage_curve, risk_coverage_plot
+
+    g = torch.Generator().manual_seed(2)
+    probs = torch.softmax(torch.randn(300, 4, generator=g, dtype=torch.float64) * 2, 1)
+    labels = torch.randint(0, 4, (300,), generator=g)
+    path = tmp_path / "rc.png"
+    fig = risk_coverage_plot(probs, labels, path=path, title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ax = fig.axes[0]
+    curve = risk_coverage_curve(probs, labels)
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), curve.selective_risk.numpy())
+    np.testing.assert_allclose(ax.lines[1].get_xdata(), curve.coverage.numpy())
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert f"AURC = {float(aurc(probs, labels)):.4f}" in legend[0]
+    assert f"AUGRC = {float(augrc(probs, labels)):.4f}" in legend[1]

@@ -3,7 +3,9 @@
 Each stage trains one method (16 shots of the base digits, the method's testbed schedule:
 ``MethodSpec.testbed_recipe`` over its published recipe) with ``fastcal.runs.train.train`` into
 ``<demo output>/runs/<stage>`` (results.json, reliability diagrams, prompt.pt) and returns one table row
-with its base and new calibration reports (the demo's context is ``fastcal.runs.demo.DemoContext``).
+with its base and new calibration reports (the demo's context is ``fastcal.runs.demo.DemoContext``)
+and, in its notes, the new classes' ECE after temperature scaling and after DAC, both fitted on the base
+classes' few-shot validation predictions (``new_ece_after``; ``fastcal.runs.posthoc``).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def run_stage(
         "train_seconds": results["train"]["seconds"],
         "run": str(Path("runs") / stage),
         "figures": figures,
+        "new_ece_after": new_class_calibration(ctx, output, resolved),
     }
     row_title = title or get_method(method).title
     return [
@@ -65,6 +68,32 @@ def run_stage(
             "notes": notes,
         }
     ]
+
+
+def new_class_calibration(ctx: DemoContext, output: Path, resolved: dict) -> dict:
+    """New-class ECE after TS and after DAC fitted on the base classes' few-shot validation split (the
+    run's shots and seed; its few-shot training split where the dataset has no validation split), for
+    the prompt saved in ``output``; ``fit_split`` says which."""
+    from fastcal._checks import check_device
+    from fastcal.data.protocols import base_new_split, few_shot_splits
+    from fastcal.runs.posthoc import base_to_new_calibration
+    from fastcal.runs.train.loop import load_prompt
+
+    device = check_device("device", resolved["device"])
+    base = base_new_split(few_shot_splits(ctx.splits, resolved["shots"], resolved["seed"])).base.splits
+    fit_split = "val" if base.val else "train"
+    after = base_to_new_calibration(
+        load_prompt(output / "prompt.pt", ctx.clip, device=device),
+        ctx.clip,
+        base.val or base.train,
+        base.classnames,
+        output / "predictions" / "new.npz",
+        templates=ctx.splits.templates,
+        n_bins=ctx.n_bins,
+        device=device,
+        cache_dir=ctx.cache_dir,
+    )
+    return {**after, "fit_split": fit_split}
 
 
 def coop_stage(ctx: DemoContext) -> list[Row]:

@@ -35,7 +35,11 @@ class TrainConfig(Settings):
     SGD with a cosine schedule after a constant warm-up, as Dassl runs CoOp (``fastcal.runs.train.loop``)."""
 
     method: str = setting("coop", help="prompt method: " + ", ".join(registry.names("prompt_method")))
-    loss: str = setting("ce", help="ce, calibrated (TCPT's loss) or label_smoothing")
+    loss: str = setting(
+        "ce",
+        help="ce, calibrated (TCPT's loss), label_smoothing, or a calibration baseline: mbls, "
+        "confidence_penalty, focal, mdca, zs_norm, penalty",
+    )
     dataset: str | None = setting(None, help="a fastcal dataset name (unset: the embedded testbed)")
     root: str | None = setting(None, help="the folder holding the dataset")
     shots: int = setting(16, help="training images per class")
@@ -71,6 +75,13 @@ class TrainConfig(Settings):
     label_smoothing: float | None = setting(
         None, help="label smoothing epsilon (unset: 0.1 for the label_smoothing loss, else 0)"
     )
+    mbls_margin: float = setting(10.0, help="mbls loss: the logit-gap margin")
+    mbls_alpha: float = setting(0.1, help="mbls loss: weight of the margin penalty")
+    confidence_penalty_weight: float = setting(0.1, help="confidence_penalty loss: weight of the entropy")
+    focal_gamma: float = setting(3.0, help="focal loss: gamma")
+    focal_adaptive: bool = setting(False, help="focal loss: FLSD-53's per-sample gamma (5 / 3 / gamma)")
+    mdca_weight: float = setting(1.0, help="mdca loss: weight of MDCA added to CE")
+    zeroshot_penalty_weight: float = setting(10.0, help="penalty loss: weight of the zero-shot range penalty")
     regularizers: list[str] = setting(
         default_factory=list,
         help="extra regularizers, comma-separated: " + ", ".join(registry.names("regularizer")),
@@ -136,7 +147,16 @@ class TrainConfig(Settings):
         for name in ("momentum", "weight_decay", "kgcoop_weight", "margin_alpha", "margin_beta"):
             if getattr(self, name) is not None:
                 check_number(name, getattr(self, name), minimum=0.0)
-        check_number("moment_weight", self.moment_weight, minimum=0.0)
+        for name in (
+            "moment_weight",
+            "mbls_margin",
+            "mbls_alpha",
+            "confidence_penalty_weight",
+            "focal_gamma",
+            "mdca_weight",
+            "zeroshot_penalty_weight",
+        ):
+            check_number(name, getattr(self, name), minimum=0.0)
         check_number("init_std", self.init_std, minimum=0.0, strict_minimum=True)
         if self.label_smoothing is not None:
             check_number("label_smoothing", self.label_smoothing, minimum=0.0, maximum=1.0)

@@ -49,7 +49,6 @@ from fastcal.models.cache import SeededViews
 from fastcal.models.clip import LoadedClip
 from fastcal.runs.folder import RunFolder
 from fastcal.runs.predictions import predictions_path, save_predictions
-from fastcal.runs.rows import harmonic_mean
 from fastcal.runs.train.config import RESUME_FREE_KEYS, TrainConfig
 from fastcal.runs.train.data import (
     EvalGroup,
@@ -312,12 +311,14 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
 
 # ---- evaluation ------------------------------------------------------------------------------------
 class Prediction(NamedTuple):
-    """What a method scored on a set: ``logits`` (N, C) as scored, ``labels`` (N,), and the class
-    features it scored with (``(C, D)``; ``None`` when every image has its own, as in CoCoOp)."""
+    """What a method scored on a set: ``logits`` (N, C) as scored, ``labels`` (N,), the class
+    features it scored with (``(C, D)``; ``None`` when every image has its own, as in CoCoOp), and the
+    L2-normalized image features (N, D) it scored."""
 
     logits: torch.Tensor
     labels: torch.Tensor
     text_features: torch.Tensor | None
+    image_features: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -361,16 +362,17 @@ def predict(
         dataset = ImageListDataset(items, classnames, clip.eval_transform)
         batches = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
         labels = None
-    logits, seen_labels, text_features = [], [], None
+    logits, seen_labels, text_features, image_features = [], [], None, []
     for inputs, batch_labels in batches:
         output = method.output(inputs.to(device))
         logits.append(output.logits.float().cpu())
+        image_features.append(output.image_features.float().cpu())
         if batch_labels is not None:
             seen_labels.append(torch.as_tensor(batch_labels))
         if output.text_features.ndim == 2 and text_features is None:
             text_features = output.text_features.float().cpu()
     labels = labels if labels is not None else torch.cat(seen_labels)
-    return Prediction(torch.cat(logits), labels, text_features)
+    return Prediction(torch.cat(logits), labels, text_features, torch.cat(image_features))
 
 
 def report_groups(
@@ -384,29 +386,35 @@ def report_groups(
     templates: Sequence[str] = (),
     **predict_options: Any,
 ) -> dict[str, Any]:
-    """``{group: calibration_summary}`` of ``method`` on each group among its own classes, plus the
-    harmonic mean of base and new accuracy (``"hm"``) when both are there.
+    """``{group: calibration_summary}`` of ``method`` on each group among its own classes, with PIECE
+    on each sample's proximity to the group's other images (``fastcal.metrics.knn_proximity``,
+    ProCal's rule), plus ``"hm"`` (``fastcal.metrics.base_new_means``: the harmonic means of base and
+    new accuracy and ECE, and their mean ECE as DOR's tables print it) when both are there.
 
     ``diagram(group name)`` gives the path and title of the group's reliability diagram, and
     ``predictions(group name)`` the path its predictions are saved to (``fastcal.runs.predictions``,
     with the zero-shot class features of ``templates[0]``); without them, none. ``predict_options`` go
     to ``predict``. The method is left on the last group's classes."""
-    from fastcal.metrics import calibration_summary, reliability_diagram
+    from fastcal.metrics import base_new_means, calibration_summary, knn_proximity, reliability_diagram
 
     results: dict[str, Any] = {}
     for group in groups:
         prediction = predict(method, clip, group.items, group.classnames, **predict_options)
         probs = prediction.logits.softmax(dim=-1)
-        results[group.name] = calibration_summary(probs, prediction.labels, n_bins=n_bins)
+        proximity = knn_proximity(prediction.image_features) if len(prediction.labels) > 1 else None
+        summary = calibration_summary(probs, prediction.labels, n_bins=n_bins, proximity=proximity)
+        results[group.name] = summary
         if diagram is not None:
             import matplotlib.pyplot as plt
 
             path, title = diagram(group.name)
             plt.close(reliability_diagram(probs, prediction.labels, n_bins=n_bins, path=path, title=title))
         if predictions is not None:
-            save_group_predictions(predictions(group.name), method, clip, group, prediction, templates)
+            save_group_predictions(
+                predictions(group.name), method, clip, group, prediction, templates, proximity=proximity
+            )
     if "base" in results and "new" in results:
-        results["hm"] = {"accuracy": harmonic_mean(results["base"]["accuracy"], results["new"]["accuracy"])}
+        results["hm"] = base_new_means(results["base"], results["new"])
     return results
 
 
@@ -417,9 +425,11 @@ def save_group_predictions(
     group: EvalGroup,
     prediction: Prediction,
     templates: Sequence[str],
+    *,
+    proximity: torch.Tensor | None = None,
 ) -> None:
     """``fastcal.runs.predictions`` file of one evaluated group (with the frozen hand-crafted prompt's
-    class features when ``templates`` are given)."""
+    class features when ``templates`` are given, and each sample's ``proximity``)."""
     from fastcal.models.cache import class_text_features
 
     zeroshot = None
@@ -433,6 +443,7 @@ def save_group_predictions(
         logit_scale=float(method.clip_model.logit_scale.detach().float().exp()),
         text_features=prediction.text_features,
         zeroshot_text_features=zeroshot,
+        proximity=proximity,
     )
 
 

@@ -20,6 +20,12 @@ def test_stage_rows_and_run_folders(tmp_path, tiny_clip, synthetic_splits):
         for group in ("base", "new"):
             assert (tmp_path / row["notes"]["figures"][group]).stat().st_size > 0
     assert rows[1]["notes"]["loss"] == "calibrated" and rows[0]["notes"]["epochs"] == 10
+    # new-class ECE after TS and DAC fitted on the base classes (these splits have no val: train);
+    # CoCoOp's per-image classifiers have no class text features for DAC
+    coop_after = rows[1]["notes"]["new_ece_after"]
+    assert coop_after["fit_split"] == "train" and 0 <= coop_after["ts"] <= 1 and 0 <= coop_after["dac"] <= 1
+    cocoop_after = rows[0]["notes"]["new_ece_after"]
+    assert 0 <= cocoop_after["ts"] <= 1 and cocoop_after["dac"] is None and "dac_skipped" in cocoop_after
     assert len(ctx.figures) == 4 and "CoOp + calibrated loss" in format_table(rows)
     registered = dict(STAGES)
     for name in ("coop", "coop_calibrated", "kgcoop", "cocoop", "maple", "vpt"):

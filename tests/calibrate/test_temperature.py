@@ -191,3 +191,28 @@ def test_temperature_scaler_module():
     torch.testing.assert_close(x.grad, torch.full_like(x, 1 / scaler.temperature))
     with pytest.raises(ValueError, match="logits: expected a floating-point tensor"):
         scaler(labels)
+
+
+def test_equal_to_netcal_in_float64_where_netcals_float32_fit_is_the_identity():
+    """netcal's TemperatureScaling learns w = 1/T on log-probabilities (its API takes probabilities).
+    In float64 it finds our T; in float32 its finite-difference step is rounded away and it returns
+    w = 1 (netcal issue #61), while ours, fitted in float64 whatever the input dtype, finds T."""
+    import warnings
+
+    netcal_scaling = pytest.importorskip("netcal.scaling")
+    g = torch.Generator().manual_seed(31)
+    logits = torch.randn(2000, 5, generator=g, dtype=f64) * 3
+    labels = labels_at_temperature(logits, 2.0, seed=32)
+    probs = torch.softmax(logits, dim=1).numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = netcal_scaling.TemperatureScaling()
+        reference.fit(probs, labels.numpy())
+        float32_reference = netcal_scaling.TemperatureScaling()
+        float32_reference.fit(probs.astype("float32"), labels.numpy())
+    fitted = TemperatureScaler().fit(logits.float(), labels).temperature
+    assert fitted == pytest.approx(1.0 / float(reference.weights[0]), rel=1e-4)
+    assert fitted == pytest.approx(fit_temperature(logits, labels), rel=1e-6) and fitted > 1.5
+    # document what netcal 1.4.0 does in float32 (issue #61): the identity
+    if float(float32_reference.weights[0]) == 1.0:
+        assert abs(fitted - 1.0) > 0.5

@@ -19,23 +19,18 @@ bound is returned. Known failures this avoids: a float32 finite-difference fit t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from fastcal._checks import check_labels, check_number, check_tensor, fail
+from fastcal.calibrate.base import check_fit_inputs, looks_like_probabilities
 
 T_MIN = 1e-4
 T_MAX = 1e4
 _MAX_ITERATIONS = 200
 _TOLERANCE = 1e-12  # on log T
-
-
-def _looks_like_probabilities(logits: torch.Tensor) -> bool:
-    lo, hi = (float(v) for v in torch.aminmax(logits))
-    if lo < 0.0 or hi > 1.0:
-        return False
-    return float((logits.sum(dim=1, dtype=torch.float64) - 1.0).abs().max()) <= 1e-3
 
 
 def _gradient_and_curvature(centered: torch.Tensor, target: torch.Tensor, s: float) -> tuple[float, float]:
@@ -64,7 +59,7 @@ def fit_temperature(
         raise fail("logits", "at least 2 classes (columns)", f"shape {tuple(logits.shape)}")
     check_labels("labels", labels, logits.shape[0], logits.shape[1])
     init = check_number("init", init, minimum=0.0, strict_minimum=True)
-    if not assume_logits and _looks_like_probabilities(logits):
+    if not assume_logits and looks_like_probabilities(logits):
         raise fail(
             "logits",
             "logits (temperature scaling divides logits, not probabilities; pass the logits or "
@@ -107,7 +102,13 @@ def fit_temperature(
 
 class TemperatureScaler(nn.Module):
     """``forward(logits) = logits / T``, with T stored as the float64 buffer ``log_temperature``
-    (saved and restored by ``state_dict``). ``fit`` sets T by ``fit_temperature``."""
+    (saved and restored by ``state_dict``). ``fit`` sets T by ``fit_temperature`` and, as every
+    calibrator's (``fastcal.calibrate.base``), refuses fewer than 2 samples; one T for all classes, so
+    it applies to any class set (base -> new)."""
+
+    name = "ts"
+    transfers_classes = True
+    uses_text_features = False
 
     def __init__(self, temperature: float = 1.0):
         super().__init__()
@@ -120,17 +121,28 @@ class TemperatureScaler(nn.Module):
 
     @torch.no_grad()
     def fit(
-        self, logits: torch.Tensor, labels: torch.Tensor, *, assume_logits: bool = False
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        classnames: Sequence[str] | None = None,
+        assume_logits: bool = False,
     ) -> TemperatureScaler:
-        """Fit T on calibration ``logits`` (N, C) and ``labels`` (N,); return this module."""
+        """Fit T on calibration ``logits`` (N, C) and ``labels`` (N,); return this module.
+        ``classnames`` is accepted for the calibrators' common signature (T does not depend on them)."""
+        check_fit_inputs(logits, labels, assume_logits=assume_logits)
         temperature = fit_temperature(logits, labels, init=self.temperature, assume_logits=assume_logits)
         self.log_temperature.fill_(math.log(temperature))
         return self
 
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, *, classnames: Sequence[str] | None = None) -> torch.Tensor:
         """Scaled logits (same shape and dtype; the class dimension is the last)."""
         check_tensor("logits", logits, floating=True, finite=False)
         return logits / torch.exp(self.log_temperature).to(device=logits.device, dtype=logits.dtype)
+
+    def transform(self, logits: torch.Tensor, *, classnames: Sequence[str] | None = None) -> torch.Tensor:
+        """Calibrated probabilities, ``softmax(logits / T)`` over the last dimension."""
+        return torch.softmax(self(logits), dim=-1)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature:.6g}"
