@@ -68,3 +68,17 @@ def random_testbed():
         torch.manual_seed(0)
         model = build_testbed_model().eval().requires_grad_(False)
     return model, open_clip.get_tokenizer(TESTBED_MODEL)
+
+
+@pytest.fixture(scope="session")
+def fake_cuda():
+    """The fake-CUDA tracing helpers (``tests/fake_cuda.py``: ``new_mode``, ``to_fake_cuda``, ``trace``)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "fastcal_tests_fake_cuda", Path(__file__).with_name("fake_cuda.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
