@@ -1,22 +1,36 @@
 """Training steps of every prompt method, with each loss and with DOR, traced on fake CUDA tensors
 (``tests/fake_cuda.py``): the loop's own ``train_epoch`` runs two steps with no device mismatch and no
-host read (FakeTensorMode raises on either).
+host read (FakeTensorMode raises on either). By default every method and every loss run once (and DOR
+once); ``-m slow`` runs every pair and DOR on every method it supports.
 
 The run is set up as ``fastcal.runs.train`` sets it up (``prepare``, on the CPU), then converted to fake
 CUDA. What an epoch does before its first step stays outside the trace: this epoch's inputs (read from
 the feature cache or the image loader: replaced by fake CUDA tensors of their shapes) and the
 regularizers' per-epoch draw (DOR's outliers, drawn on the CPU before conversion). The trace ends where
 the steps end, at the scheduler's step, before the epoch's summary reads its mean loss once.
+
+Without CUDA the run's gradient scaler is off, as with ``--no-amp``. With AMP (the default on CUDA),
+torch's ``GradScaler.step`` reads one flag per step on the host (whether the gradients hold an inf)
+before it steps a non-fused optimizer; the last test pins that read as the step's only one.
 """
 
 import pytest
 import torch
 
+from torch._subclasses.fake_tensor import DataDependentOutputException
+
 from fastcal import registry
+from fastcal.outliers.dor import DOR_METHODS
 from fastcal.runs.train import TrainConfig, loop
 
 METHODS = registry.names("prompt_method")
 LOSSES = registry.names("loss")
+ONCE_EACH = [(method, LOSSES[i % len(LOSSES)]) for i, method in enumerate(METHODS)]
+PAIRS = [
+    pytest.param(method, loss, marks=() if (method, loss) in ONCE_EACH else pytest.mark.slow)
+    for method in METHODS
+    for loss in LOSSES
+]
 OUTLIER_WORDS = ["wolf", "fox", "tiger", "pony", "zebra", "kitten", "toaster", "sofa", "kayak", "lamp"]
 
 
@@ -84,10 +98,36 @@ def _trace_two_steps(run, fake_cuda, monkeypatch):
         assert run.optimizer.state[p], f"{name} was not stepped"
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize(("method", "loss"), PAIRS)
 def test_a_training_step_traces_on_fake_cuda(
     tmp_path, tiny_clip, synthetic_splits, fake_cuda, monkeypatch, method, loss
 ):
     run = _prepare(tmp_path, tiny_clip, synthetic_splits, method, loss)
     _trace_two_steps(run, fake_cuda, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=() if m == DOR_METHODS[0] else pytest.mark.slow) for m in DOR_METHODS]
+)
+def test_a_training_step_with_dor_traces_on_fake_cuda(
+    tmp_path, tiny_clip, synthetic_splits, fake_cuda, monkeypatch, method
+):
+    run = _prepare(tmp_path, tiny_clip, synthetic_splits, method, "calibrated", dor=True)
+    assert [r.name for r in run.regularizers][-1] == "dor"
+    _trace_two_steps(run, fake_cuda, monkeypatch)
+
+
+def test_with_amp_the_scalers_inf_check_is_the_only_host_read(
+    tmp_path, tiny_clip, synthetic_splits, fake_cuda, monkeypatch
+):
+    run = _prepare(tmp_path, tiny_clip, synthetic_splits, "coop", "calibrated")
+    with monkeypatch.context() as cuda_present:  # the scaler a CUDA run builds (it disables itself without)
+        cuda_present.setattr(torch.cuda, "is_available", lambda: True)
+        run.scaler = torch.amp.GradScaler("cuda")
+    assert run.scaler.is_enabled()
+    with pytest.raises(DataDependentOutputException) as caught:
+        _trace_two_steps(run, fake_cuda, monkeypatch)
+    frames = [(frame.name, str(frame.path)) for frame in caught.traceback]
+    ours = [name for name, path in frames if "/fastcal/" in path]
+    assert ours[-1] == "train_epoch" and frames[-1][0] != "train_epoch"
+    assert any(name == "_maybe_opt_step" and path.endswith("grad_scaler.py") for name, path in frames)
