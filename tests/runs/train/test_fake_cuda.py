@@ -16,7 +16,6 @@ before it steps a non-fused optimizer; the last test pins that read as the step'
 
 import pytest
 import torch
-
 from torch._subclasses.fake_tensor import DataDependentOutputException
 
 from fastcal import registry
