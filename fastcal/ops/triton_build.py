@@ -339,6 +339,53 @@ def _line(outcome: BuildResult | str) -> str:
     )
 
 
+def _group(result: BuildResult) -> tuple[str, ...]:
+    """A row of the summary: kernel, compute dtype, block, and whether the widths are multiples of 16."""
+    words = result.label.split()
+    compute = words[1].split("->")[-1]
+    width = next(w for w in words if w.startswith(("C=", "D=")))
+    aligned = "multiple of 16" if int(width[2:]) % 16 == 0 else "not a multiple of 16"
+    block = result.constexprs.get("BLOCK")
+    tile = (
+        f"BLOCK {block}"
+        if block is not None
+        else "x".join(str(result.constexprs[k]) for k in ("BLOCK_ROWS", "BLOCK_COLS"))
+    )
+    return result.kernel, compute, tile, f"{width[0]} {aligned}"
+
+
+def summary_table(results: Sequence[BuildResult], archs: Sequence[int]) -> str:
+    """Markdown: per kernel, compute dtype, tile and width class, each arch's registers (range over the
+    input dtypes and flags), spilled bytes, shared memory and the fewest resident warps per SM."""
+    rows: dict[tuple[str, ...], dict[int, list[BuildResult]]] = {}
+    for r in results:
+        rows.setdefault(_group(r), {}).setdefault(r.arch, []).append(r)
+    head = "| kernel | compute | tile | width | warps | " + " | ".join(
+        f"sm_{a}: registers / spill B / shared B / warps per SM" for a in archs
+    )
+    lines = [head + " |", "|" + "---|" * (5 + len(archs))]
+    for (kernel, compute, tile, width), by_arch in rows.items():
+        cells = []
+        for arch in archs:
+            group = by_arch.get(arch, [])
+            if not group:
+                cells.append("-")
+                continue
+            low, high = min(r.registers for r in group), max(r.registers for r in group)
+            spill = max(r.spill_stores for r in group)
+            shared = max(r.shared_bytes for r in group)
+            occupancy = min(r.warps_per_sm for r in group)
+            registers = f"{low}-{high}" if low != high else str(low)
+            cells.append(f"{registers} / {spill} / {shared} / {occupancy}")
+        warps = sorted({r.num_warps for group in by_arch.values() for r in group})
+        lines.append(
+            f"| {kernel} | {compute} | {tile} | {width} | {','.join(map(str, warps))} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fastcal.ops.triton_build", description=__doc__.split("\n")[0]
@@ -370,6 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f,
                 indent=1,
             )
+    if not args.representative:
+        print(summary_table(results, archs))
     spilled = [r for r in results if r.spill_stores or r.spill_loads]
     print(
         f"{len(results)} builds, {len(failures)} failed, {len(spilled)} spilling; kernels without a build: "
