@@ -69,11 +69,10 @@ def normalize_rows_backward_kernel(
     stride_grad,
     stride_xhat,
     stride_out,
-    SCALE_PER_ROW: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
 ):
-    """Through x_hat = x / ||x||: out = k / ||x|| (g - x_hat <x_hat, g>), k = scale_mult * scale[row or 0].
+    """Through x_hat = x / ||x||: out = k / ||x|| (g - x_hat <x_hat, g>), k = scale_mult * scale[0].
 
     The scale is read from device memory (no host sync); out is written in its own dtype.
     """
@@ -87,10 +86,7 @@ def normalize_rows_backward_kernel(
         g = tl.load(grad_ptr + rows[:, None] * stride_grad + cols[None, :], mask=ok, other=0.0).to(acc_ty)
         xh = tl.load(xhat_ptr + rows[:, None] * stride_xhat + cols[None, :], mask=ok, other=0.0)
         dot += tl.sum(g * xh, axis=1)
-    if SCALE_PER_ROW:
-        k = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
-    else:
-        k = tl.load(scale_ptr).to(acc_ty)
+    k = tl.load(scale_ptr).to(acc_ty)
     factor = scale_mult * k * tl.load(rnorm_ptr + rows, mask=row_ok, other=0.0)
     for start in range(0, n_cols, BLOCK_COLS):
         cols = start + tl.arange(0, BLOCK_COLS)

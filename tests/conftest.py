@@ -91,17 +91,28 @@ def reference_text():
     return _reference_text
 
 
-@pytest.fixture(scope="session")
-def hf_tiny():
-    """The ``tests/hf_tiny.py`` helpers (tiny random-init Hugging Face CLIP / SigLIP, a CLIP tokenizer);
-    skips the test when ``transformers`` (the ``hf`` extra) is not installed."""
+def _test_module(filename: str):
+    """``tests/<filename>`` imported as a module (a helper file, not a test file)."""
     import importlib.util
     from pathlib import Path
 
-    pytest.importorskip("transformers")
     spec = importlib.util.spec_from_file_location(
-        "fastcal_tests_hf_tiny", Path(__file__).with_name("hf_tiny.py")
+        f"fastcal_tests_{Path(filename).stem}", Path(__file__).with_name(filename)
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def hf_tiny():
+    """The ``tests/hf_tiny.py`` helpers (tiny random-init Hugging Face CLIP / SigLIP, a CLIP tokenizer);
+    skips the test when ``transformers`` (the ``hf`` extra) is not installed."""
+    pytest.importorskip("transformers")
+    return _test_module("hf_tiny.py")
+
+
+@pytest.fixture(scope="session")
+def fake_cuda():
+    """The fake-CUDA tracing helpers (``tests/fake_cuda.py``: ``new_mode``, ``to_fake_cuda``, ``trace``)."""
+    return _test_module("fake_cuda.py")

@@ -117,19 +117,19 @@ def calibrated_prompt_loss(
             reduction,
         )
     else:
-        from fastcal.ops.fused_triton import TritonCalibratedLoss
+        from fastcal.ops.fused_triton import triton_calibrated_loss
 
         # The kernels read half inputs directly and upcast after the load.
-        loss, ce, margin, moment = TritonCalibratedLoss.apply(
+        loss, ce, margin, moment = triton_calibrated_loss(
             image_features,
             text_features,
             frozen_text_features,
             logit_scale,
             labels,
-            margin_alpha,
-            margin_beta,
-            label_smoothing,
-            moment_weight,
-            reduction,
+            alpha=margin_alpha,
+            beta=margin_beta,
+            label_smoothing=label_smoothing,
+            moment_weight=moment_weight,
+            reduction=reduction,
         )
     return loss, {"ce": ce, "margin": margin, "moment": moment}

@@ -93,6 +93,9 @@ class DORegularizer:
         tau, uniform: the sampling weights ``exp(s / tau)`` or uniform (``OutlierSampler``).
         seed: the run's seed; the draw of epoch ``e`` depends only on ``(seed, e)``.
         device: where the frozen targets live (the tuned model's device).
+        method: the method being tuned, when known (the trainer's factory passes it): the epoch's draw
+            then also prepares the outliers' prompts (tokens, layout, the text encoder's plan, which
+            reads their lengths on the host), so that the epoch's steps only run them.
     """
 
     name = "dor"
@@ -107,6 +110,7 @@ class DORegularizer:
         uniform: bool = False,
         seed: int = 0,
         device: torch.device | str = "cpu",
+        method: nn.Module | None = None,
     ) -> None:
         if not isinstance(pool, OutlierPool):
             raise TypeError(f"pool: expected an OutlierPool, got {type(pool).__name__}")
@@ -114,6 +118,7 @@ class DORegularizer:
         self.weight = check_number("weight", weight, minimum=0.0)
         self.sampler = OutlierSampler(pool.similarity, n_outliers, tau=tau, uniform=uniform, seed=seed)
         self.device = torch.device(device)
+        self.method = method
         self.epoch: int | None = None
         self.terms: list[str] = []
         self.targets = torch.empty(0)
@@ -124,6 +129,9 @@ class DORegularizer:
         self.epoch = epoch
         self.terms = [self.pool.terms[i] for i in indices.tolist()]
         self.targets = self.pool.features[indices].to(self.device, torch.float32)
+        if self.method is not None:
+            with torch.no_grad():
+                tuned_term_features(self.method, self.terms)
 
     def drift(self, method: nn.Module, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """The unweighted ``L_dor`` of the current outliers (epoch 0's when none were drawn yet)."""
@@ -216,4 +224,5 @@ def build_dor(setup: Any) -> DORegularizer:
         uniform=bool(options.get("uniform", False)),
         seed=setup.seed,
         device=setup.device,
+        method=setup.method,
     )

@@ -14,7 +14,8 @@ items, and writes in its run folder (``fastcal.runs.folder``):
   temperature (``fastcal.runs.records.encode_row``: float32, about 5.4 bytes per class). Every rank
   appends to the same file in batches of ``flush_every`` (``fastcal.runs.records``);
 - after the merge: ``results.json`` (``calibration_summary`` with 15 and 20 bins: C-TPT and FPP report
-  20), ``reliability_{15,20}.png`` and ``predictions/<dataset>.npz`` (``fastcal.runs.predictions``).
+  20; ``run.cuda_graph``: whether rank 0's step replayed a CUDA graph), ``reliability_{15,20}.png`` and
+  ``predictions/<dataset>.npz`` (``fastcal.runs.predictions``).
 
 Sample ``i``'s views come from a generator seeded by ``(seed, i)`` (``fastcal.tpt.augment
 .sample_generator``), so a sample's result does not depend on the rank, the order or the
@@ -461,6 +462,7 @@ def _run(
             world=world,
             local_seconds=elapsed,
             local_samples=len(todo),
+            cuda_graph=bool(getattr(predictor, "graph_used", False)),
         )
     barrier()
     if rank != 0:
@@ -478,6 +480,7 @@ def merge(
     world: int = 1,
     local_seconds: float | None = None,
     local_samples: int | None = None,
+    cuda_graph: bool = False,
 ) -> dict[str, Any]:
     """Read the records, check that every index is there once, and write ``results.json``, the
     reliability diagrams and the predictions (module docstring)."""
@@ -528,7 +531,11 @@ def merge(
         "seconds_per_sample": step_seconds / len(records),
         "world_size": world,
         "config": config.semantics(),
-        "run": {"samples_per_step": config.samples_per_step, "num_workers": config.num_workers},
+        "run": {
+            "samples_per_step": config.samples_per_step,
+            "num_workers": config.num_workers,
+            "cuda_graph": cuda_graph,
+        },
         "diagrams": diagrams,
     }
     if local_seconds is not None and local_samples:

@@ -25,10 +25,17 @@ context, its gradient (zeroed in place, never set to ``None``), the optimizer st
 ``k`` (no boolean masks), and nothing reads a value back to the host, so on CUDA the whole step is
 captured once (after three warm-up runs on a side stream) and replayed; on the CPU, or with
 ``use_graph=False``, the same body runs eagerly on the same buffers.
+
+A capture that fails (a kernel that cannot be captured, a driver that refuses) never ends a run: the
+step warns once and runs eagerly from then on (``graph_used`` says which). Calls with fewer than
+``samples_per_step`` samples (a last partial batch) keep the captured shape: the free slots are
+filled with zero features, whose tuning touches only their own contexts, so the replay gives the
+real samples what an eager call would.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,6 +54,11 @@ from fastcal.methods.prompt_learner import PromptLearner
 from fastcal.tpt.ensemble import PromptEnsemble
 
 _WARMUP_RUNS = 3
+
+
+def graph_capturable(device: torch.device) -> bool:
+    """Whether a step on ``device`` can be captured in a CUDA graph (CUDA devices only)."""
+    return device.type == "cuda"
 
 
 @dataclass(frozen=True)
@@ -143,8 +155,8 @@ class TestTimeStep:
         device = learner.ctx.device
         self.device = device
         if use_graph is None:
-            use_graph = device.type == "cuda"
-        if use_graph and device.type != "cuda":
+            use_graph = graph_capturable(device)
+        if use_graph and not graph_capturable(device):
             raise fail("use_graph", "False (or None) unless the learner is on CUDA", f"True on {device}")
         self.use_graph = bool(use_graph)
 
@@ -168,9 +180,14 @@ class TestTimeStep:
         )
         self.graph: torch.cuda.CUDAGraph | None = None
         if self.use_graph:
-            self._capture()
+            self._capture_or_run_eagerly()
         else:
             self.run()  # creates the optimizer state and the text encoder's plan
+
+    @property
+    def graph_used(self) -> bool:
+        """Whether calls replay a captured CUDA graph (False: eager, by choice or after a failed capture)."""
+        return self.graph is not None
 
     # ---- the body -----------------------------------------------------------------------------------
     def _text_features(self) -> torch.Tensor:
@@ -221,6 +238,22 @@ class TestTimeStep:
             text = self._text_features()
             self.logits.copy_(self._view_logits(text, self.image_features[:, :1]).squeeze(1))
 
+    def _capture_or_run_eagerly(self) -> None:
+        try:
+            self._capture()
+        except RuntimeError as error:  # torch.AcceleratorError derives from RuntimeError
+            if graph_capturable(self.device) and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "TPT step: the stream is still capturing after a failed capture"
+                ) from error
+            reason = (str(error).strip().splitlines() or [""])[0]
+            warnings.warn(
+                f"TPT step: capturing the CUDA graph failed ({type(error).__name__}: {reason}); "
+                "running the step eagerly",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
     def _capture(self) -> None:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -228,9 +261,10 @@ class TestTimeStep:
             for _ in range(_WARMUP_RUNS):
                 self.run()
         torch.cuda.current_stream(self.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             self.run()
+        self.graph = graph  # only a complete capture replays
 
     # ---- per call -----------------------------------------------------------------------------------
     def __call__(self, image_features: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,7 @@ class TPT:
         augmix: AugMix on the views (``ViewAugmenter``).
         flip: random horizontal flips of the views.
         samples_per_step: test samples tuned together, each with its own context.
-        use_graph: capture the step in a CUDA graph (default: on CUDA).
+        use_graph: capture the step in a CUDA graph (default: on CUDA; a failed capture runs eagerly).
         image_batch: views per image-encoder call (default: all views of a step at once).
         pack_prompts: encode the prompts' shared prefix (start token and context) once per context
             (``fastcal.methods.prefix``; exact), where the learner's layout allows it.
@@ -153,6 +153,11 @@ class TPT:
     @property
     def samples_per_step(self) -> int:
         return self.step.samples_per_step
+
+    @property
+    def graph_used(self) -> bool:
+        """Whether the step replays a CUDA graph (``TestTimeStep.graph_used``)."""
+        return self.step.graph_used
 
     @property
     def view_shape(self) -> tuple[int, int, int, int]:

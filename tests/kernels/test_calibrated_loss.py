@@ -44,7 +44,6 @@ def test_normalize_rows_and_its_backward(kernels):
         67,
         67,
         67,
-        SCALE_PER_ROW=False,
         BLOCK_ROWS=32,
         BLOCK_COLS=64,
     )

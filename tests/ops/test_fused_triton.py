@@ -207,3 +207,91 @@ def test_triton_step_captures_in_a_cuda_graph():
     torch.cuda.synchronize()
     torch.testing.assert_close(static_loss, eager_loss)
     torch.testing.assert_close(text.grad, eager_grad)
+
+
+@interpreter_only
+@pytest.mark.parametrize(
+    ("b", "c", "d", "dtype", "rel"),
+    [
+        (37, 101, 67, torch.float64, 1e-10),
+        (9, 1500, 36, torch.float64, 1e-10),
+        (21, 11, 67, torch.float32, 1e-4),
+    ],
+    ids=["block-1024", "block-4096", "gram-float32"],
+)
+def test_the_gpu_tiles_compute_the_reference_in_the_interpreter(monkeypatch, b, c, d, dtype, rel):
+    """The GPU's blocks and tiles (fastcal.ops.triton_launches), run on CPU tensors in the interpreter."""
+    from fastcal.ops import triton_launches
+
+    monkeypatch.setattr(triton_launches, "interpreter_tiles", lambda device: False)
+    image, text, labels, frozen = problem(b, c, d, seed=c)
+    scale = torch.tensor(30.0, dtype=torch.float64)
+    for reduction in ("mean", "none"):
+        hyper = {"label_smoothing": 0.1, "reduction": reduction}
+        want = run("torch", *fresh(image, text), labels, *fresh(scale, frozen), **hyper)
+        inputs = [x.to(dtype) for x in (image, text, scale, frozen)]
+        got = run("triton", *fresh(*inputs[:2]), labels, *fresh(*inputs[2:]), **hyper)
+        compare(got, want, rel)
+
+
+@interpreter_only
+@pytest.mark.parametrize(
+    ("reduction", "frozen", "needs"),
+    [
+        (1, True, (True, True, True, True)),
+        (0, True, (False, True, False, True)),
+        (2, False, (True, False, False, False)),
+    ],
+)
+def test_the_custom_ops_pass_torch_library_opcheck(reduction, frozen, needs):
+    """Schema, autograd registration, the fake implementations against the real ones (shapes, dtypes,
+    devices, strides) and AOT dispatch with dynamic shapes, for both ops."""
+    from fastcal.ops.fused_triton import calibrated_loss_backward_op, calibrated_loss_op
+
+    image, text, labels, frozen_text = problem(7, 5, 13, seed=reduction, frozen=frozen)
+    text = text.float()  # mixed dtypes: float64 compute, a float32 gradient
+    scale = torch.tensor([10.0], dtype=torch.float64)
+    leaves = [
+        x.requires_grad_(need) if x is not None else None
+        for x, need in zip((image, text, frozen_text, scale), needs, strict=True)
+    ]
+    wanted = [need and x is not None for x, need in zip(leaves, needs, strict=True)]
+    args = (*leaves, labels, 0.1, 0.01, 0.1, 5.0, reduction, *wanted)
+    torch.library.opcheck(calibrated_loss_op, args)
+    outputs = calibrated_loss_op(*args)
+    grad = torch.ones_like(outputs[0])
+    dtypes = (image.dtype, text.dtype, frozen_text.dtype if frozen_text is not None else text.dtype)
+    backward_args = (
+        grad,
+        *[o.detach() for o in outputs[4:]],
+        labels,
+        scale.detach(),
+        0.01,
+        5.0,
+        reduction,
+        *dtypes,
+        *args[-4:],
+    )
+    torch.library.opcheck(calibrated_loss_backward_op, backward_args)
+
+
+@interpreter_only
+def test_torch_compile_passes_through_the_op():
+    image, text, labels, frozen = problem(7, 5, 13, seed=8)
+    scale = torch.tensor(10.0, dtype=torch.float64)
+
+    def loss_of(image, text, scale):
+        return calibrated_prompt_loss(
+            image, text, labels, scale, frozen, backend="triton", label_smoothing=0.1
+        )[0]
+
+    leaves = fresh(image, text, scale)
+    eager = loss_of(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    compiled = torch.compile(loss_of, backend="aot_eager", fullgraph=True)
+    leaves = fresh(image, text, scale)
+    loss = compiled(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    torch.testing.assert_close(loss, eager, rtol=1e-12, atol=0)
+    for g, w in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
