@@ -27,10 +27,14 @@ graph walk as the engine, in Python, calling the same nodes (the C++ derivative 
 ``autograd.Function`` backwards and the ``AccumulateGrad`` nodes that write ``.grad``) in dependency
 order, summing the gradients that meet at a node, and checking each gradient against the metadata of
 the input it flows into as the engine's ``validate_outputs`` does: shape reduced with ``sum_to_size``
-where broadcast, dtype cast, and a device mismatch an error (except 0-dim, which the engine moves).
-Only the stream bookkeeping is left out, which has nothing to check on fake tensors. The walk is
-stricter than the engine on fake tensors, whose device check the engine skips for tensor subclasses.
-Hooks do not run (fastcal registers none).
+where broadcast, dtype cast, and a device mismatch an error (except 0-dim, which the engine moves). A
+custom Function's backward returns one result per forward argument and the engine keeps those of the
+tensor arguments; which arguments were tensors is recorded as each Function is applied inside
+``trace()``. Only the stream bookkeeping is left out, which has nothing to check on fake tensors, and
+hooks do not run (fastcal registers none). Why this is sound: every derivative formula the engine
+would run, runs, on the same fake CUDA tensors, so a device mismatch or a host read in any of them
+raises as in the forward. ``tests/test_fake_cuda.py`` checks the walk against the engine on real
+tensors and that it catches a mismatch and a read in a backward.
 """
 
 from __future__ import annotations
@@ -154,7 +158,9 @@ def _call(node: Any, grads: list[torch.Tensor | None]) -> tuple[torch.Tensor | N
     ]
     out = node.apply(*grads)
     out = out if isinstance(out, tuple) else (out,)
-    tensor_arguments = _TENSOR_ARGUMENTS[node]
+    tensor_arguments = _TENSOR_ARGUMENTS.get(node)
+    if tensor_arguments is None:
+        raise RuntimeError(f"{node.name()} was made outside trace(): its tensor arguments are unknown")
     if any(g is not None for g, is_tensor in zip(out, tensor_arguments, strict=False) if not is_tensor):
         raise RuntimeError(f"{node.name()} returned a gradient for an argument that is not a tensor")
     return tuple(g for g, is_tensor in zip(out, tensor_arguments, strict=False) if is_tensor)
@@ -224,15 +230,16 @@ def _recording_apply(cls: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 @contextlib.contextmanager
-def trace(mode: FakeTensorMode) -> Iterator[None]:
-    """Inside ``mode``, with ``backward`` standing in for the autograd engine."""
+def trace(mode: FakeTensorMode | None) -> Iterator[None]:
+    """Inside ``mode`` (None: on real tensors), with ``backward`` standing in for the autograd engine."""
     patches = [
         (torch.Tensor, "backward", _tensor_backward),
         (torch.autograd, "backward", _autograd_backward),
         (torch.autograd.Function, "apply", classmethod(_recording_apply)),
     ]
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mode)
+        if mode is not None:
+            stack.enter_context(mode)
         for owner, name, replacement in patches:
             stack.callback(
                 setattr, owner, name, vars(owner)[name] if name in vars(owner) else getattr(owner, name)

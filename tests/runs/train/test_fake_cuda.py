@@ -24,7 +24,9 @@ from fastcal.runs.train import TrainConfig, loop
 
 METHODS = registry.names("prompt_method")
 LOSSES = registry.names("loss")
-ONCE_EACH = [(method, LOSSES[i % len(LOSSES)]) for i, method in enumerate(METHODS)]
+ONCE_EACH = [
+    (METHODS[i % len(METHODS)], LOSSES[i % len(LOSSES)]) for i in range(max(len(METHODS), len(LOSSES)))
+]
 PAIRS = [
     pytest.param(method, loss, marks=() if (method, loss) in ONCE_EACH else pytest.mark.slow)
     for method in METHODS
@@ -73,15 +75,15 @@ def _trace_two_steps(run, fake_cuda, monkeypatch):
         size = size[0] if isinstance(size, tuple) else size
         inputs = torch.randn(n, 3, size, size, generator=generator)
     labels = torch.tensor([label for _, label in run.data.train_items])
-    for regularizer in run.regularizers:
+    for regularizer in run.step.regularizers:
         regularizer.on_epoch_start(0)
     with torch.no_grad():
-        run.method(inputs[: run.config.batch_size])  # the text encoder's plans, made once per run
+        run.method.output(inputs[: run.config.batch_size])  # the text encoder's plans, made once per run
 
     mode = fake_cuda.new_mode()
     run, inputs, labels = fake_cuda.to_fake_cuda(mode, run, inputs, labels)
     monkeypatch.setattr(loop, "_epoch_inputs", lambda run, epoch: (inputs, labels))
-    for regularizer in run.regularizers:
+    for regularizer in run.step.regularizers:
         monkeypatch.setattr(regularizer, "on_epoch_start", lambda epoch: None)  # drawn above
 
     def steps_done():
@@ -94,7 +96,7 @@ def _trace_two_steps(run, fake_cuda, monkeypatch):
     assert before, "the method tunes nothing"
     for name, p in before.items():
         assert p.grad is not None and p.grad.device.type == "cuda", name
-        assert run.optimizer.state[p], f"{name} was not stepped"
+        assert run.step.optimizer.state[p], f"{name} was not stepped"
 
 
 @pytest.mark.parametrize(("method", "loss"), PAIRS)
@@ -112,7 +114,7 @@ def test_a_training_step_with_dor_traces_on_fake_cuda(
     tmp_path, tiny_clip, synthetic_splits, fake_cuda, monkeypatch, method
 ):
     run = _prepare(tmp_path, tiny_clip, synthetic_splits, method, "calibrated", dor=True)
-    assert [r.name for r in run.regularizers][-1] == "dor"
+    assert [r.name for r in run.step.regularizers][-1] == "dor"
     _trace_two_steps(run, fake_cuda, monkeypatch)
 
 
@@ -122,11 +124,11 @@ def test_with_amp_the_scalers_inf_check_is_the_only_host_read(
     run = _prepare(tmp_path, tiny_clip, synthetic_splits, "coop", "calibrated")
     with monkeypatch.context() as cuda_present:  # the scaler a CUDA run builds (it disables itself without)
         cuda_present.setattr(torch.cuda, "is_available", lambda: True)
-        run.scaler = torch.amp.GradScaler("cuda")
-    assert run.scaler.is_enabled()
+        run.step.scaler = torch.amp.GradScaler("cuda")
+    assert run.step.scaler.is_enabled()
     with pytest.raises(DataDependentOutputException) as caught:
         _trace_two_steps(run, fake_cuda, monkeypatch)
     frames = [(frame.name, str(frame.path)) for frame in caught.traceback]
     ours = [name for name, path in frames if "/fastcal/" in path]
-    assert ours[-1] == "train_epoch" and frames[-1][0] != "train_epoch"
+    assert ours[-1] == "_step" and frames[-1][0] != "_step"
     assert any(name == "_maybe_opt_step" and path.endswith("grad_scaler.py") for name, path in frames)
