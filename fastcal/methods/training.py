@@ -57,7 +57,8 @@ class TrainingStep:
         loss_options: options of a named loss (e.g. ``{"margin_alpha": 0.1}``); unset ones take the
             loss's defaults.
         regularizers: names (registry kind ``"regularizer"``) or built regularizers; default: the ones the
-            method always uses. The method's are always included.
+            method always uses. The method's are always included (once: a built one of the same name
+            stands for it).
         regularizer_options: per regularizer name, its options (e.g. ``{"kgcoop": {"weight": 8.0}}``).
         templates: the prompt templates of the zero-shot class features (the anchor of the calibrated
             loss's moment term and of KgCoOp).
@@ -131,9 +132,10 @@ class TrainingStep:
         progress: bool,
     ) -> list[Regularizer]:
         method = self.method
-        own = tuple(method.spec.regularizers) if method.method_name else ()
-        names = [*own, *(r for r in chosen or () if isinstance(r, str))]
         built = [r for r in chosen or () if not isinstance(r, str)]
+        own = tuple(method.spec.regularizers) if method.method_name else ()
+        given = {r.name for r in built}
+        names = [*(n for n in own if n not in given), *(r for r in chosen or () if isinstance(r, str))]
         unknown = sorted(set(options) - set(names))
         if unknown:
             raise fail("regularizer_options", f"options of the regularizers used ({names})", unknown)
