@@ -69,7 +69,7 @@ def test_command_line_strings_are_typed():
         ({"epochs": 2.5}, "epochs: expected an integer"),
         ({"class_specific": "maybe"}, "class_specific: expected true or false"),
         ({"method": "clip-adapter"}, "method"),
-        ({"loss": "focal"}, "loss"),
+        ({"loss": "hinge"}, "loss"),
         ({"protocol": "fewshot"}, "protocol"),
         ({"shots": 0}, "shots"),
         ({"lr": -1.0}, "lr"),
