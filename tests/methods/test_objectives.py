@@ -207,7 +207,7 @@ def test_the_baseline_losses_from_the_registry():
         (grad,) = torch.autograd.grad(got, text, retain_graph=True)
         assert grad.abs().sum() > 0, name
     defaults = loss_options("mbls", {"mbls_margin": None, "mbls_alpha": None})
-    assert defaults == {"mbls_margin": None, "mbls_alpha": None}  # TrainConfig's fields carry the defaults
+    assert defaults == {"mbls_margin": 10.0, "mbls_alpha": 0.1}  # MbLS's, as TrainConfig's fields
 
 
 def test_zeroshot_logits_of_a_prompted_image_encoder_run_the_frozen_encoder():

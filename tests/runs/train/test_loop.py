@@ -171,7 +171,7 @@ def test_run_folder_and_saved_prompt(tmp_path, tiny_clip, synthetic_splits):
 
     method = load_prompt(folder, tiny_clip)
     new_group = run_data(synthetic_splits, shots=4, seed=1, protocol="base2new").groups[1]
-    logits, labels, _ = predict(
+    logits, labels, *_ = predict(
         method,
         tiny_clip,
         new_group.items,
