@@ -23,6 +23,7 @@ from fastcal.runs.sweep.launch import read_grid
 
 FORMATS = ("md", "csv", "latex")
 AVERAGE = "Average"
+TESTBED = "testbed"
 GROUP_AXES = ("seed", "dataset")
 
 
@@ -86,8 +87,8 @@ class Table:
 
 def _dataset_groups(grid: Any) -> list[str]:
     if "dataset" in grid.axes:
-        return [str(d) for d in grid.axes["dataset"]]
-    return [str(grid.fixed.get("dataset") or "testbed")]
+        return [str(d or TESTBED) for d in grid.axes["dataset"]]
+    return [str(grid.fixed.get("dataset") or TESTBED)]
 
 
 def collect(output: str | os.PathLike) -> tuple[Any, list[tuple[Any, dict[str, float] | None, int]]]:
@@ -132,7 +133,7 @@ def build_table(output: str | os.PathLike) -> Table:
     runs: dict[tuple, dict[str, dict[Any, dict[str, float] | None]]] = {}
     for cell, values, _ in found:
         row = tuple(_hashable(cell.values[a]) for a in row_axes)
-        dataset = str(cell.values["dataset"]) if "dataset" in cell.values else datasets[0]
+        dataset = str(cell.values["dataset"] or TESTBED) if "dataset" in cell.values else datasets[0]
         runs.setdefault(row, {}).setdefault(dataset, {})[cell.values.get("seed")] = values
     for row, by_dataset in runs.items():
         table.values[row] = {}

@@ -99,8 +99,9 @@ def _text(value: Any) -> str:
 
 def cell_name(values: dict[str, Any]) -> str:
     """The folder name of the cell with these axis values: ``axis=value`` joined by commas, characters a
-    folder name should not hold replaced by ``-``."""
-    return _UNSAFE.sub("-", ",".join(f"{axis}={_text(value)}" for axis, value in values.items()))
+    folder name should not hold replaced by ``-``; ``run`` for a grid without axes."""
+    name = ",".join(f"{axis}={_text(value)}" for axis, value in values.items())
+    return _UNSAFE.sub("-", name) or "run"
 
 
 def grid_from_dict(data: Any, where: str) -> Grid:
