@@ -78,6 +78,7 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "tpt": "fastcal.runs.sweep.commands:TPT",
         "finetune": "fastcal.runs.sweep.commands:FINETUNE",
         "zeroshot": "fastcal.runs.sweep.commands:ZEROSHOT",
+        "demo_section": "fastcal.runs.demo.seeds:COMMAND",
     },
 }
 
