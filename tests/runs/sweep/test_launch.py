@@ -148,3 +148,19 @@ def test_slurm_job_parameters_and_submission_script(tmp_path):
     assert f"-u -m submitit.core._submit {logs}" in script.splitlines()[-1]
     # one task per cell: with 4 GPUs the cell's job starts torchrun with 4 processes itself
     assert "#SBATCH --ntasks-per-node=4" not in script
+
+
+@pytest.mark.slow
+def test_a_cell_with_several_processes_runs_under_torchrun_and_matches_one_process(testbed_cache, tmp_path):
+    """``--gpus-per-node 2``: the cell's job starts ``torchrun --nproc_per_node 2`` (gloo on a CPU); TPT's
+    shards merge into the results of the same run in one process."""
+    from fastcal.runs.tpt import TptConfig, run_tpt
+
+    options = {"method": "tpt", "limit": 6, "views": 8, "samples_per_step": 2}
+    cell = tmp_path / "cell"
+    write_cell(cell, "tpt", {}, options)
+    assert run_cell(str(cell), nproc=2) == "done"
+    sharded = json.loads((cell / "run" / "results.json").read_text())
+    assert sharded["world_size"] == 2 and (cell / "torchrun.yaml").is_file()
+    single = run_tpt(TptConfig(**options, output=str(tmp_path / "single"), progress=False))
+    assert sharded["accuracy"] == single["accuracy"] and sharded["ece_15"] == pytest.approx(single["ece_15"])
