@@ -63,9 +63,15 @@ def test_the_whole_demo_runs_every_stage_on_one_shared_testbed(testbed_cache, tm
     except WordNetNotFoundError:
         has_wordnet = False
     output = tmp_path / "results"
-    assert main(["demo", "--output", str(output), "--quiet"]) == 0
+    assert main(["demo", "--output", str(output), "--quiet", "--seeds", "1"]) == 0
     results = json.loads((output / "results.json").read_text())
     assert list(results["stages"]) == [name for name, _ in demo.STAGES]
+    # the prompt-tuning and test-time stages ran as the demo's sweep: one cell per section and seed
+    assert results["seeds"] == [1] and results["stages"]["tpt"]["sweep"] is True
+    assert sorted(p.name for p in (output / "seeds").iterdir() if p.is_dir()) == [
+        "section=prompt_tuning,seed=1",
+        "section=test_time,seed=1",
+    ]
     rows = results["rows"]
     assert {row["stage"] for row in rows} == set(results["stages"])
     for row in rows:

@@ -134,6 +134,8 @@ def aggregate_rows(runs: list[list[dict[str, Any]]], seeds: Sequence[int]) -> li
         }
         labels = {key: first[key] for key in ("stage", "section", "method")}
         rows.append({**labels, "metrics": metrics, "notes": notes})
+    if len(seeds) < 2:  # one seed has no spread to tell noise by
+        return rows
     by_label = {(row["section"], row["method"]): row for row in rows}
     for row in rows:
         base = by_label.get((row["section"], IMPROVES_ON.get(row["method"], "")))

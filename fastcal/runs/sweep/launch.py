@@ -57,12 +57,12 @@ class Launcher:
     setup: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        check_choice("launcher", self.kind, LAUNCHERS)
-        check_int("max_parallel", self.max_parallel, minimum=1)
-        check_int("timeout", self.timeout_min, minimum=1)
-        check_int("gpus_per_node", self.gpus_per_node, minimum=0)
+        check_choice("--launcher", self.kind, LAUNCHERS)
+        check_int("--max-parallel", self.max_parallel, minimum=1)
+        check_int("--timeout", self.timeout_min, minimum=1)
+        check_int("--gpus-per-node", self.gpus_per_node, minimum=0)
         if self.cpus_per_task is not None:
-            check_int("cpus_per_task", self.cpus_per_task, minimum=1)
+            check_int("--cpus-per-task", self.cpus_per_task, minimum=1)
         if self.kind == "local" and (self.partition or self.slurm_options):
             raise fail("--partition", "SLURM options only with --launcher slurm", "--launcher local")
 

@@ -67,3 +67,9 @@ def test_the_seeded_sections_are_the_prompt_tuning_and_test_time_stages():
     assert set(SEEDED_MODULES.values()) == {"prompt_tuning", "test_time"}
     with pytest.raises(ValueError, match="section: expected one of"):
         DemoSectionConfig(section="finetune")
+
+
+def test_one_seed_marks_nothing():
+    runs = [[row("CoOp", (0.80, 0.10), (0.70, 0.20)), row("KgCoOp", (0.90, 0.05), (0.80, 0.10))]]
+    coop, kgcoop = aggregate_rows(runs, (1,))
+    assert kgcoop["notes"]["spread"]["base"]["ece"] == 0.0 and "marks" not in kgcoop["notes"]

@@ -89,11 +89,11 @@ def test_local_parameters_and_bad_launcher_options(tmp_path):
     assert local.parameters("c") == {"name": "c", "timeout_min": 30, "nodes": 1, "tasks_per_node": 1}
     executor = local.executor(tmp_path / "logs", "c")  # submitit accepts them
     assert executor.cluster == "local" and executor._executor.parameters["timeout_min"] == 30
-    with pytest.raises(ValueError, match="launcher: expected one of 'local', 'slurm', got 'pbs'"):
+    with pytest.raises(ValueError, match="--launcher: expected one of 'local', 'slurm', got 'pbs'"):
         Launcher(kind="pbs")
     with pytest.raises(ValueError, match="--partition: expected SLURM options only with --launcher slurm"):
         Launcher(partition="gpu")
-    with pytest.raises(ValueError, match="max_parallel: expected"):
+    with pytest.raises(ValueError, match="--max-parallel: expected"):
         Launcher(max_parallel=0)
 
 

@@ -3,23 +3,13 @@
 
 import pytest
 
+from fastcal.data.protocols import CROSS_DATASET_SOURCE, CROSS_DATASET_TARGETS, DOMAIN_GENERALIZATION_TARGETS
 from fastcal.runs.sweep import load_grid
 from fastcal.runs.sweep.presets import preset_names, resolve_grid
 
-ELEVEN = {
-    "imagenet",
-    "caltech101",
-    "oxford_pets",
-    "stanford_cars",
-    "oxford_flowers",
-    "food101",
-    "fgvc_aircraft",
-    "sun397",
-    "dtd",
-    "eurosat",
-    "ucf101",
-}
-VARIANTS = {"imagenet", "imagenet_a", "imagenet_v2", "imagenet_r", "imagenet_sketch"}
+# the papers' 11 base-to-new datasets, and ImageNet with its four natural shifts
+ELEVEN = {CROSS_DATASET_SOURCE, *CROSS_DATASET_TARGETS}
+VARIANTS = {CROSS_DATASET_SOURCE, *DOMAIN_GENERALIZATION_TARGETS}
 
 
 @pytest.fixture
