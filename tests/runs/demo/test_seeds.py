@@ -71,5 +71,5 @@ def test_the_seeded_sections_are_the_prompt_tuning_and_test_time_stages():
 
 def test_one_seed_marks_nothing():
     runs = [[row("CoOp", (0.80, 0.10), (0.70, 0.20)), row("KgCoOp", (0.90, 0.05), (0.80, 0.10))]]
-    coop, kgcoop = aggregate_rows(runs, (1,))
+    _, kgcoop = aggregate_rows(runs, (1,))
     assert kgcoop["notes"]["spread"]["base"]["ece"] == 0.0 and "marks" not in kgcoop["notes"]
