@@ -139,12 +139,13 @@ def run_sweep(
     """Run every cell of ``grid`` that is not done into ``output`` (module docstring); return each cell's
     final state."""
     launcher = launcher or Launcher()
-    check_int("retries", retries, minimum=0)
+    check_int("--retries", retries, minimum=0)
     path = prepare(grid, output)
     names = [cell.name for cell in grid.cells()]
     attempts = dict.fromkeys(names, 1 + retries)
     waiting = list(names)
     jobs: dict[str, Any] = {}
+    watched: set[str] = set()  # cells seen running in another process
     while waiting or jobs:
         for name, job in list(jobs.items()):
             if job.done():
@@ -155,8 +156,13 @@ def run_sweep(
                     waiting.append(name)
         states = {name: cell_state(path / name) for name in waiting}
         elsewhere = [name for name, state in states.items() if state.state == RUNNING]
+        for name in set(elsewhere) - watched:
+            log(_describe(name, states[name]) + "; waiting for it")
+            watched.add(name)
         for name, state in states.items():
             if state.state == DONE or (state.state != RUNNING and attempts[name] == 0):
+                if name in watched:
+                    log(_describe(name, state))
                 waiting.remove(name)
             elif state.state != RUNNING and len(jobs) + len(elsewhere) < launcher.max_parallel:
                 attempts[name] -= 1
