@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from fastcal.runs.options import coerce
 
-    seeds = coerce("--seeds", args.seeds, list[int])
+    seeds = [coerce("--seeds", seed, int) for seed in args.seeds.split(",") if seed.strip()]
     if not seeds:
         raise ValueError(f"--seeds: expected one or more seeds, got {args.seeds!r}")
     results, ctx = run_demo(

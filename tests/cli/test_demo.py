@@ -198,3 +198,8 @@ def test_table_groups_rows_by_section_with_harmonic_mean():
     assert coop == ["CoOp", "80.0", "10.0", "60.0", "20.0", f"{100 * 2 * 0.8 * 0.6 / 1.4:.1f}"]
     assert blocks[0].splitlines()[4].startswith("KgCoOp (T=1.23)")
     assert blocks[1].splitlines()[1].split() == ["method", "new", "acc", "new", "ECE"]
+
+
+def test_bad_seeds_are_one_line(capsys):
+    assert main(["demo", "--seeds", "1,x"]) == 2
+    assert capsys.readouterr().err == "fastcal demo: error: --seeds: expected an integer, got 'x'\n"
