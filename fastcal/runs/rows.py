@@ -60,8 +60,8 @@ def _cell(row: dict[str, Any], group: str, key: str) -> str:
     spread = notes.get("spread", {}).get(group, {}).get(key)
     if spread is not None:
         text += f"±{100 * spread:.1f}"
-    if "marks" in notes:
-        text += "*" if key in notes["marks"].get(group, {}) else " "
+    if spread is not None:  # a mark's place in every seeded row keeps the columns aligned
+        text += "*" if key in notes.get("marks", {}).get(group, {}) else " "
     return text
 
 
@@ -98,8 +98,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         seeds = next((row["notes"]["seeds"] for row in section_rows if "seeds" in row.get("notes", {})), None)
         if seeds is not None:
             lines.append(
-                f"(mean±std over seeds {', '.join(map(str, seeds))}; *: differs from the row it improves on "
-                "by more than the two standard deviations together)"
+                f"(mean±std over seeds {', '.join(map(str, seeds))}; *: off the row it improves on by more "
+                "than both standard deviations together)"
             )
         blocks.append("\n".join([f"== {section} ==", lines[0], "-" * len(lines[0]), *lines[1:]]))
     return "\n\n".join(blocks)
