@@ -84,6 +84,16 @@ def _event(path: Path, event: str, **fields: Any) -> None:
     append_jsonl(path / EVENTS, [{**record, **fields}])
 
 
+def _job_id() -> str:
+    """The submitit job running this process ("" outside a job)."""
+    import submitit
+
+    try:
+        return str(submitit.JobEnvironment().job_id)
+    except RuntimeError:
+        return ""
+
+
 def _one_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return f"{type(error).__name__}: {' '.join(text.split())}"
@@ -106,7 +116,7 @@ def run_cell(path: str, *, nproc: int = 1, threads: int | None = None) -> str:
         spec = registry.get("run_command", cell["command"], argument="command")
         run_folder = folder / RUN
         resume = before.state == INTERRUPTED and run_kind(run_folder) == spec.name
-        _event(folder, "start", resume=resume, job=os.environ.get("SUBMITIT_JOB_ID", ""))
+        _event(folder, "start", resume=resume, job=_job_id())
         try:
             if nproc > 1:
                 _torchrun(folder, spec.name, cell["options"], resume, nproc)
