@@ -162,5 +162,7 @@ def _torchrun(folder: Path, command: str, options: dict[str, Any], resume: bool,
     )
     sys.stderr.write(completed.stderr)
     if completed.returncode != 0:
+        # a rank's one-line error ("fastcal tpt: error: ..."), else torchrun's last line
         lines = [line for line in completed.stderr.splitlines() if line.strip()]
-        raise RuntimeError(f"torchrun exited with {completed.returncode}: {lines[-1] if lines else ''}")
+        errors = [line for line in lines if line.startswith(f"fastcal {command}: error:")] or lines[-1:]
+        raise RuntimeError(f"torchrun exited with {completed.returncode}: {errors[-1] if errors else ''}")

@@ -156,7 +156,7 @@ def test_a_cell_with_several_processes_runs_under_torchrun_and_matches_one_proce
     shards merge into the results of the same run in one process."""
     from fastcal.runs.tpt import TptConfig, run_tpt
 
-    options = {"method": "tpt", "limit": 6, "views": 8, "samples_per_step": 2}
+    options = {"method": "tpt", "limit": 6, "views": 16, "samples_per_step": 2}
     cell = tmp_path / "cell"
     write_cell(cell, "tpt", {}, options)
     assert run_cell(str(cell), nproc=2) == "done"
