@@ -12,7 +12,8 @@ What a spec is depends on the kind (each kind's module documents it): a ``Method
 (``fastcal.methods.base``) for prompt methods, a ``LossSpec`` (``fastcal.methods.objectives``) for
 losses, a factory taking a ``RegularizerSetup`` for regularizers, a ``TptMethodSpec`` /
 ``TptInitSpec`` (``fastcal.tpt.specs``), a ``FinetuneSpec`` (``fastcal.finetune.specs``), a calibrator
-class (``fastcal.calibrate``).
+class (``fastcal.calibrate``), a ``RunCommand`` (``fastcal.runs.sweep.commands``: a command a sweep's cells
+run).
 """
 
 from __future__ import annotations
@@ -24,7 +25,16 @@ from typing import Any
 
 from fastcal._checks import fail
 
-KINDS = ("prompt_method", "loss", "regularizer", "tpt_method", "tpt_init", "finetune_method", "calibrator")
+KINDS = (
+    "prompt_method",
+    "loss",
+    "regularizer",
+    "tpt_method",
+    "tpt_init",
+    "finetune_method",
+    "calibrator",
+    "run_command",
+)
 
 BUILTIN: dict[str, dict[str, Any]] = {
     "prompt_method": {
@@ -73,6 +83,13 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "histogram": "fastcal.calibrate:HistogramBinning",
         "isotonic": "fastcal.calibrate:IsotonicCalibrator",
         "dac": "fastcal.calibrate:DistanceAwareCalibrator",
+    },
+    "run_command": {
+        "train": "fastcal.runs.sweep.commands:TRAIN",
+        "tpt": "fastcal.runs.sweep.commands:TPT",
+        "finetune": "fastcal.runs.sweep.commands:FINETUNE",
+        "zeroshot": "fastcal.runs.sweep.commands:ZEROSHOT",
+        "demo_section": "fastcal.runs.demo.seeds:COMMAND",
     },
 }
 

@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tpt": ("fastcal.cli.tpt", "test-time prompt tuning (TPT, C-TPT, FPP init)"),
     "finetune": ("fastcal.cli.finetune", "robust fine-tuning (FT, FLYP, CaRot)"),
     "wise": ("fastcal.cli.wise", "WiSE-FT weight interpolation sweep"),
+    "sweep": ("fastcal.cli.sweep", "a grid of runs (datasets x methods x losses x seeds), resumable"),
+    "table": ("fastcal.cli.table", "a sweep's results: mean and std over seeds, papers' layout, a figure"),
     "wordnet": ("fastcal.cli.wordnet", "make WordNet 3.0 readable by nltk (for DOR outliers)"),
 }
 

@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,56 @@ def check_run_folder(
     return path
 
 
+def take_lock(path: Path, argument: str = "--output", *, wait_seconds: float = 0.0) -> int:
+    """Create the folder ``path`` and take its exclusive lock (``fcntl.flock`` on ``path/.fastcal.lock``,
+    recording this process's pid and host); return the lock's file descriptor for ``release_lock``. A lock
+    another process holds is an error naming the holder once ``wait_seconds`` have passed."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        raise fail(argument, "a folder this user can write", f"{path} (permission denied)") from None
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise fail(argument, "a folder no other run is writing", f"{path}, locked by {holder}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return fd
+
+
+def release_lock(fd: int) -> None:
+    """Release a lock ``take_lock`` took."""
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+def lock_holder(path: str | os.PathLike) -> str | None:
+    """Who holds the lock of the folder ``path`` (``"pid N on HOST"``), or ``None`` when nobody does.
+    Probing takes a shared lock for an instant, so ``take_lock`` callers should wait a moment."""
+    try:
+        fd = os.open(Path(path) / LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 class RunFolder:
     """A run's output folder, held for writing (module docstring). Use as a context manager, or call
     ``close()`` to release the lock."""
@@ -209,21 +260,9 @@ class RunFolder:
             "resume_argument": resume_argument,
         }
         check_run_rules(path, **rules)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-        except PermissionError:
-            raise fail(argument, "a folder this user can write", f"{path} (permission denied)") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise fail(argument, "a folder no other run is writing", f"{path}, locked by {holder}") from None
+        fd = take_lock(path, argument)
         folder = cls(path, kind, fd)
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
             # the checks again, now that no other writer can change the folder
             found = check_run_rules(path, **rules)
             for directory in (path, *(p for p in path.rglob("*") if p.is_dir())):
@@ -267,8 +306,7 @@ class RunFolder:
     def close(self) -> None:
         """Release the lock (the lock file stays; it is empty of meaning without a holder)."""
         if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
+            release_lock(self._lock_fd)
             self._lock_fd = None
 
     def __enter__(self) -> RunFolder:

@@ -50,8 +50,22 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def _cell(row: dict[str, Any], group: str, key: str) -> str:
+    """A number of the table: with its spread over seeds (``notes["spread"]``) as ``mean±std``, and ``*``
+    where ``notes["marks"]`` says it differs from the row it improves on by more than the spread."""
+    notes = row.get("notes", {})
+    text = _percent(row["metrics"].get(group, {}).get(key))
+    spread = notes.get("spread", {}).get(group, {}).get(key)
+    if spread is not None:
+        text += f"±{100 * spread:.1f}"
+    if spread is not None:  # a mark's place in every seeded row keeps the columns aligned
+        text += "*" if key in notes.get("marks", {}).get(group, {}) else " "
+    return text
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Rows grouped by section; per section: method, then accuracy and ECE (%) per group, and HM."""
+    """Rows grouped by section; per section: method, then accuracy and ECE (%) per group, and HM. Rows
+    over several seeds show mean±std; a footnote explains the marks."""
     sections: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         sections.setdefault(row["section"], []).append(row)
@@ -70,8 +84,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 label += f" (T={temperature:.2f})"
             cells = [label]
             for g in groups:
-                report = row["metrics"].get(g, {})
-                cells += [_percent(report.get("accuracy")), _percent(report.get("ece"))]
+                cells += [_cell(row, g, "accuracy"), _cell(row, g, "ece")]
             table.append(cells + [_percent(row.get("hm_accuracy"))] * with_hm)
         widths = [max(len(cells[i]) for cells in table) for i in range(len(header))]
         lines = [
@@ -80,5 +93,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             )
             for cells in table
         ]
+        seeds = next((row["notes"]["seeds"] for row in section_rows if "seeds" in row.get("notes", {})), None)
+        if seeds is not None:
+            lines.append(
+                f"(mean±std over seeds {', '.join(map(str, seeds))}; *: off the row it improves on by more "
+                "than both standard deviations together)"
+            )
         blocks.append("\n".join([f"== {section} ==", lines[0], "-" * len(lines[0]), *lines[1:]]))
     return "\n\n".join(blocks)

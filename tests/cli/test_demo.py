@@ -63,9 +63,15 @@ def test_the_whole_demo_runs_every_stage_on_one_shared_testbed(testbed_cache, tm
     except WordNetNotFoundError:
         has_wordnet = False
     output = tmp_path / "results"
-    assert main(["demo", "--output", str(output), "--quiet"]) == 0
+    assert main(["demo", "--output", str(output), "--quiet", "--seeds", "1"]) == 0
     results = json.loads((output / "results.json").read_text())
     assert list(results["stages"]) == [name for name, _ in demo.STAGES]
+    # the prompt-tuning and test-time stages ran as the demo's sweep: one cell per section and seed
+    assert results["seeds"] == [1] and results["stages"]["tpt"]["sweep"] is True
+    assert sorted(p.name for p in (output / "seeds").iterdir() if p.is_dir()) == [
+        "section=prompt_tuning,seed=1",
+        "section=test_time,seed=1",
+    ]
     rows = results["rows"]
     assert {row["stage"] for row in rows} == set(results["stages"])
     for row in rows:
@@ -192,3 +198,8 @@ def test_table_groups_rows_by_section_with_harmonic_mean():
     assert coop == ["CoOp", "80.0", "10.0", "60.0", "20.0", f"{100 * 2 * 0.8 * 0.6 / 1.4:.1f}"]
     assert blocks[0].splitlines()[4].startswith("KgCoOp (T=1.23)")
     assert blocks[1].splitlines()[1].split() == ["method", "new", "acc", "new", "ECE"]
+
+
+def test_bad_seeds_are_one_line(capsys):
+    assert main(["demo", "--seeds", "1,x"]) == 2
+    assert capsys.readouterr().err == "fastcal demo: error: --seeds: expected an integer, got 'x'\n"

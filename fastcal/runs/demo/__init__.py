@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,13 +122,18 @@ def resolve(target: str) -> Stage:
     return getattr(importlib.import_module(module_name), function_name)
 
 
-def run_stages(ctx: DemoContext, stages: list[tuple[str, str]]) -> dict[str, Any]:
-    """Run ``stages``; after each, rewrite ``results.json`` (atomically) with everything so far."""
+def run_stages(
+    ctx: DemoContext, stages: list[tuple[str, str]], seeds: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """Run ``stages``; after each, rewrite ``results.json`` (atomically) with everything so far. With
+    ``seeds``, the prompt-tuning and test-time stages run once per seed, as a sweep, where the first of
+    them stands (``fastcal.runs.demo.seeds``)."""
     from dataclasses import asdict
 
     import fastcal
     from fastcal._io import write_json_atomic
     from fastcal.models.testbed import TESTBED_MODEL, PretrainRecipe
+    from fastcal.runs.demo.seeds import section_of
 
     start = time.perf_counter()
     results: dict[str, Any] = {
@@ -137,26 +142,57 @@ def run_stages(ctx: DemoContext, stages: list[tuple[str, str]]) -> dict[str, Any
         "n_bins": ctx.n_bins,
         "calibration_size": ctx.calibration_size,
         "seed": ctx.seed,
+        "seeds": list(seeds or []),
         "stages": {},
         "rows": [],
     }
+    seeded = [(name, target) for name, target in stages if seeds and section_of(target)]
     for name, target in stages:
-        stage = resolve(target)
-        ctx.log(f"fastcal demo: stage {name}")
+        if (name, target) in seeded[1:]:
+            continue
         stage_start = time.perf_counter()
-        rows = [check_row(name, row) for row in stage(ctx)]
-        results["stages"][name] = {"seconds": time.perf_counter() - stage_start, "rows": len(rows)}
+        if seeded and (name, target) == seeded[0]:
+            ctx.log(f"fastcal demo: stages {', '.join(n for n, _ in seeded)}, seeds {list(seeds)}")
+            rows = _run_seeded(ctx, seeded, seeds, results, stage_start)
+        else:
+            ctx.log(f"fastcal demo: stage {name}")
+            rows = [check_row(name, row) for row in resolve(target)(ctx)]
+            results["stages"][name] = {"seconds": time.perf_counter() - stage_start, "rows": len(rows)}
         results["rows"].extend(rows)
         results["total_seconds"] = time.perf_counter() - start
         write_json_atomic(ctx.output / "results.json", results)
     return results
 
 
+def _run_seeded(
+    ctx: DemoContext,
+    stages: list[tuple[str, str]],
+    seeds: Sequence[int],
+    results: dict[str, Any],
+    start: float,
+) -> list[dict[str, Any]]:
+    from fastcal.runs.demo.seeds import run_seeded
+
+    rows = [check_row(row["stage"], row) for row in run_seeded(ctx, stages, seeds)]
+    seconds = time.perf_counter() - start
+    for name, _ in stages:
+        count = sum(row["stage"] == name for row in rows)
+        results["stages"][name] = {"seconds": seconds, "rows": count, "seeds": list(seeds), "sweep": True}
+    return rows
+
+
 def run_demo(
-    output: str | Path, *, only: str | None = None, progress: bool = True, overwrite: bool = False
+    output: str | Path,
+    *,
+    only: str | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    seeds: Sequence[int] | None = None,
 ) -> tuple[dict[str, Any], DemoContext]:
     """The demo into the folder ``output`` (it replaces its own earlier results; a folder holding another
-    command's run needs ``overwrite``); returns the results and the context."""
+    command's run needs ``overwrite``); the prompt-tuning and test-time stages run once per seed of
+    ``seeds`` (default ``fastcal.runs.demo.seeds.SEEDS``). Returns the results and the context."""
+    from fastcal.runs.demo.seeds import SEEDS
     from fastcal.runs.folder import RunFolder, check_run_folder
 
     stages = select_stages(only)
@@ -164,4 +200,4 @@ def run_demo(
     with RunFolder.open(output, kind="demo", overwrite=overwrite, replace_own=True) as folder:
         folder.write_manifest({"stages": [name for name, _ in stages]})
         ctx = DemoContext.on_testbed(folder.path, progress=progress)
-        return run_stages(ctx, stages), ctx
+        return run_stages(ctx, stages, SEEDS if seeds is None else seeds), ctx
