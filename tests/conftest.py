@@ -44,16 +44,28 @@ def testbed_clip():
     return load_testbed_clip(cache_dir=_USER_TESTBED_CACHE, progress=False)
 
 
-@pytest.fixture
-def testbed_cache(testbed_clip, cache_dir):
-    """A private cache (the ``cache_dir`` fixture) that holds the session's testbed weights (a link), so
-    commands loading the testbed from ``$FASTCAL_CACHE`` find it without pretraining again."""
+def link_testbed_weights(cache_dir):
+    """Make ``cache_dir`` hold the session's testbed weights (a link to the user's cache)."""
     from fastcal.models.testbed import cached_testbed_path
 
     target = cached_testbed_path(cache_dir=cache_dir / "testbed")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.symlink_to(cached_testbed_path(cache_dir=_USER_TESTBED_CACHE))
     return cache_dir
+
+
+@pytest.fixture
+def testbed_cache(testbed_clip, cache_dir):
+    """A private cache (the ``cache_dir`` fixture) that holds the session's testbed weights (a link), so
+    commands loading the testbed from ``$FASTCAL_CACHE`` find it without pretraining again."""
+    return link_testbed_weights(cache_dir)
+
+
+@pytest.fixture(scope="module")
+def module_testbed_cache(testbed_clip, tmp_path_factory):
+    """A cache shared by one module's tests, holding the testbed weights (a link): image features are
+    computed once for all of them."""
+    return link_testbed_weights(tmp_path_factory.mktemp("module-cache"))
 
 
 @pytest.fixture(scope="session")

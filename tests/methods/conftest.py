@@ -1,10 +1,13 @@
 """A tiny random-init open_clip CLIP (3-layer ViT and text towers, CLIP's BPE with 77 positions) and a
 reference text forward written from open_clip's modules, independent of fastcal's TextEncoder."""
 
+import copy
+
 import open_clip
 import pytest
 import torch
 
+from fastcal.methods.objectives import RegularizerSetup
 from fastcal.models.clip import LoadedClip
 
 TINY_CFG = {
@@ -31,15 +34,19 @@ def fresh_clip():
     return LoadedClip(model, open_clip.get_tokenizer("ViT-B-32"), None, None)
 
 
-def _reference_text(model, embeddings, token_ids, deep_prompts=None):
+def _reference_text(model, embeddings, token_ids, deep_prompts=None, injected=None):
     """CLIP's text forward at full length, layer by layer (MaPLe's deep prompts replace positions 1..n
-    before layers 1..len(deep_prompts))."""
+    before layers 1..len(deep_prompts); TCP's ``injected = (k, tokens (N, n, W))`` replaces them, per
+    row, before layer k)."""
     x = embeddings + model.positional_embedding
     n = 0 if not deep_prompts else deep_prompts[0].shape[0]
     for k, block in enumerate(model.transformer.resblocks):
         if deep_prompts and 1 <= k <= len(deep_prompts):
             prompt = deep_prompts[k - 1].unsqueeze(0).expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :1], prompt, x[:, 1 + n :]], dim=1)
+        if injected is not None and k == injected[0]:
+            tokens = injected[1]
+            x = torch.cat([x[:, :1], tokens, x[:, 1 + tokens.shape[1] :]], dim=1)
         x = block(x, attn_mask=model.attn_mask)
     x = model.ln_final(x)
     return x[torch.arange(x.shape[0]), token_ids.argmax(dim=-1)] @ model.text_projection
@@ -66,3 +73,34 @@ def _reference_prompts(model, tokenizer, classnames, ctx):
 @pytest.fixture(scope="session")
 def reference_prompts():
     return _reference_prompts
+
+
+@pytest.fixture(scope="module")
+def double_clip(tiny_clip):
+    """The tiny CLIP in float64 (its own copy), for one-step restatements of the methods' reference code."""
+    model = copy.deepcopy(tiny_clip.model).double().requires_grad_(False)
+    return LoadedClip(model, tiny_clip.tokenizer, None, None)
+
+
+def _run_setup(method, clip, classnames, config, templates=("a photo of a {}.",), name="test"):
+    """The ``RegularizerSetup`` a training run would give a method's regularizers and hooks."""
+    return RegularizerSetup(
+        name=name,
+        method_name=type(method).__name__.lower(),
+        method=method,
+        model=clip.model,
+        model_key="test",
+        tokenizer=clip.tokenizer,
+        classnames=list(classnames),
+        templates=list(templates),
+        frozen_text_features=None,
+        options={},
+        config=dict(config),
+        seed=0,
+        device=torch.device("cpu"),
+    )
+
+
+@pytest.fixture(scope="session")
+def run_setup():
+    return _run_setup

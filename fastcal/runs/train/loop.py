@@ -1,15 +1,18 @@
 """The thin training loop: build the method, run the epochs, checkpoint, evaluate, write the results.
 
-Optimization follows Dassl as CoOp, CoCoOp, KgCoOp, MaPLe and VPT run it (KaiyangZhou/Dassl.pytorch
-``dassl/optim``): SGD (momentum, weight decay, no dampening) over the tuned parameters only, and a
-learning rate per epoch ``e`` of::
+Optimization follows Dassl as the prompt-learning methods run it (KaiyangZhou/Dassl.pytorch
+``dassl/optim``): SGD (momentum, weight decay, no dampening), or Adam where the recipe says so (TCP;
+``torch.optim.Adam`` with betas (0.9, 0.999), weight decay added to the gradient), over the tuned
+parameters only, and a learning rate per epoch ``e`` of::
 
     lr(e) = warmup_lr                                                   e <  warmup_epochs
     lr(e) = lr * (1 + cos(pi * (e - warmup_epochs) / epochs)) / 2        e >= warmup_epochs
 
 (``ConstantWarmupScheduler`` over ``CosineAnnealingLR(T_max=epochs)`` with the warm-up recounted),
 stepped once per epoch. On CUDA with ``amp`` the forward runs under fp16 autocast with a gradient
-scaler.
+scaler. A step is: the method's forward, the objective (loss + regularizers,
+``fastcal.methods.objectives``), the gradient (back-propagation, or the method's gradient rule: ProGrad),
+the optimizer step; each epoch ends with the method's epoch-end hooks (PromptSRC's prompt aggregation).
 
 Frozen image encoders (CoOp, CoCoOp, KgCoOp) never run in the loop: each epoch reads that epoch's
 cached augmented features (``fastcal.models.cache.image_features``); prompted ones (VPT, MaPLe) encode
@@ -17,7 +20,8 @@ the epoch's seeded views. Text always goes through the exact truncated encoder o
 Per-step statistics stay on the device and are read once per epoch.
 
 Every epoch ends with an atomic checkpoint (``checkpoint.pt``: tuned parameters, optimizer, scheduler,
-scaler, regularizer states, every random generator, the history); ``resume=True`` continues from it and
+scaler, regularizer and hook states, the method's state between steps, every random generator, the
+history); ``resume=True`` continues from it and
 gives the same result as an uninterrupted run. At the end: ``results.json`` (``{"base": report, "new":
 report, "hm": {"accuracy"}, "config": ...}``, or ``{"all": report, ...}``; each report is
 ``fastcal.metrics.calibration_report`` with ``n_bins`` recorded), ``reliability_<group>.png`` and the
@@ -43,7 +47,15 @@ from fastcal._io import atomic_path, load_torch_file, write_json_atomic
 from fastcal.data.items import DatasetSplits, ImageListDataset
 from fastcal.losses import value_checks
 from fastcal.methods.base import MethodSpec, PromptMethod, get_method
-from fastcal.methods.objectives import RegularizerSetup, StepBatch, build_loss, build_regularizers
+from fastcal.methods.objectives import (
+    RegularizerSetup,
+    StepBatch,
+    TrainingHook,
+    build_hooks,
+    build_loss,
+    build_regularizers,
+    gradient_hook,
+)
 from fastcal.models.cache import SeededViews
 from fastcal.models.clip import LoadedClip
 from fastcal.runs.folder import RunFolder
@@ -153,6 +165,7 @@ class Run:
     frozen: torch.Tensor
     loss: Any
     regularizers: list[Any]
+    hooks: list[TrainingHook]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
@@ -202,10 +215,8 @@ def prepare(
         )
 
     regularizers = build_regularizers([*spec.regularizers, *config.regularizers], setup)
-    params = [p for _, p in method.tuned_parameters()]
-    optimizer = torch.optim.SGD(
-        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, dampening=0.0
-    )
+    hooks = build_hooks(spec.hooks, setup)
+    optimizer = build_optimizer([p for _, p in method.tuned_parameters()], config)
 
     def factor(epoch: int) -> float:
         return learning_rate_factor(
@@ -230,11 +241,24 @@ def prepare(
         frozen=frozen,
         loss=build_loss(config.loss, config.to_dict()),
         regularizers=regularizers,
+        hooks=hooks,
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=scaler,
         amp=amp,
         train_transform=train_transform_for(config, clip),
+    )
+
+
+def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or Adam over ``params`` with the config's settings, as Dassl's ``build_optimizer`` makes them."""
+    if config.optimizer == "adam":
+        eps = 1e-8 if config.adam_eps is None else config.adam_eps
+        return torch.optim.Adam(
+            params, lr=config.lr, betas=(0.9, 0.999), eps=eps, weight_decay=config.weight_decay
+        )
+    return torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, dampening=0.0
     )
 
 
@@ -293,16 +317,18 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
     correct = torch.zeros((), dtype=torch.long, device=run.device)
     seen = 0
     lr = run.optimizer.param_groups[0]["lr"]
+    params = [p for _, p in run.method.tuned_parameters()]
+    backward = gradient_hook(run.hooks).backward
     for batch_inputs, batch_labels in _batches(run, epoch, inputs, labels):
         # no host sync per step: the epoch's mean loss is checked once, below
         with value_checks(False), torch.autocast(run.device.type, dtype=torch.float16, enabled=run.amp):
             output = run.method(batch_inputs)
-            batch = StepBatch(output, batch_labels, run.method, run.frozen, epoch)
+            batch = StepBatch(output, batch_labels, run.method, run.frozen, epoch, batch_inputs)
             loss = run.loss(batch)
             for regularizer in run.regularizers:
                 loss = loss + regularizer(batch)
         run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
+        backward(loss, batch, params, run.scaler)
         run.scaler.step(run.optimizer)
         run.scaler.update()
         n = batch_labels.shape[0]
@@ -310,6 +336,8 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
         correct += (output.logits.detach().argmax(dim=1) == batch_labels).sum()
         seen += n
     run.scheduler.step()
+    for hook in run.hooks:
+        hook.on_epoch_end(epoch)
     mean_loss = float(loss_sum) / max(seen, 1)
     if not math.isfinite(mean_loss):
         raise FloatingPointError(
@@ -489,6 +517,8 @@ def save_checkpoint(run: Run, path: Path, epochs_done: int, history: list[dict[s
             "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict(),
             "regularizers": {r.name: r.state_dict() for r in run.regularizers},
+            "hooks": {h.name: h.state_dict() for h in run.hooks},
+            "method_state": run.method.training_state(),
             "rng": _rng_state(),
             "history": history,
             "config": run.config.to_dict(),
@@ -516,6 +546,9 @@ def load_checkpoint(run: Run, path: Path) -> tuple[int, list[dict[str, Any]]]:
     run.scaler.load_state_dict(state["scaler"])
     for regularizer in run.regularizers:
         regularizer.load_state_dict(state["regularizers"].get(regularizer.name, {}))
+    for hook in run.hooks:
+        hook.load_state_dict(state.get("hooks", {}).get(hook.name, {}))
+    run.method.load_training_state(state.get("method_state", {}))
     _set_rng_state(state["rng"])
     return int(state["epochs_done"]), list(state["history"])
 
