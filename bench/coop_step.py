@@ -158,7 +158,7 @@ def build(variant: str, count: int):
         optimizer = torch.optim.SGD([p for _, p in method.tuned_parameters()], lr=LR, momentum=0.9)
 
         def step():
-            out: MethodOutput = method(cached[index])
+            out: MethodOutput = method.output(cached[index])
             loss = loss_fn(StepBatch(out, labels, method, frozen, 0))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

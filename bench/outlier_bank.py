@@ -189,7 +189,7 @@ def training_step(model, tokenizer, pool, n_classes: int, repeats: int) -> dict:
     dor.on_epoch_start(0)
 
     def step(with_dor: bool):
-        output = method(features)
+        output = method.output(features)
         loss = F.cross_entropy(output.logits, labels)
         if with_dor:
             loss = loss + dor(SimpleNamespace(method=method, output=output))

@@ -52,10 +52,12 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "ctpt": "fastcal.tpt.specs:CTPT_METHOD",
         "zeroshot": "fastcal.tpt.specs:ZEROSHOT_METHOD",
         "ensemble": "fastcal.tpt.specs:ENSEMBLE_METHOD",
+        "otpt": "fastcal.tpt.specs:OTPT_METHOD",
     },
     "tpt_init": {
         "hard": "fastcal.tpt.specs:HARD_INIT",
         "fpp": "fastcal.tpt.specs:FPP_INIT",
+        "ensemble": "fastcal.tpt.specs:ENSEMBLE_INIT",
     },
     "finetune_method": {
         "ft": "fastcal.finetune.ft:SPEC",

@@ -80,3 +80,44 @@ def random_testbed():
         torch.manual_seed(0)
         model = build_testbed_model().eval().requires_grad_(False)
     return model, open_clip.get_tokenizer(TESTBED_MODEL)
+
+
+def _reference_text(model, embeddings, token_ids, deep_prompts=None, injected=None):
+    """CLIP's text forward at full length, layer by layer (MaPLe's deep prompts replace positions 1..n
+    before layers 1..len(deep_prompts); TCP's ``injected = (k, tokens (N, n, W))`` replaces them, per
+    row, before layer k)."""
+    x = embeddings + model.positional_embedding
+    n = 0 if not deep_prompts else deep_prompts[0].shape[0]
+    for k, block in enumerate(model.transformer.resblocks):
+        if deep_prompts and 1 <= k <= len(deep_prompts):
+            prompt = deep_prompts[k - 1].unsqueeze(0).expand(x.shape[0], -1, -1)
+            x = torch.cat([x[:, :1], prompt, x[:, 1 + n :]], dim=1)
+        if injected is not None and k == injected[0]:
+            tokens = injected[1]
+            x = torch.cat([x[:, :1], tokens, x[:, 1 + tokens.shape[1] :]], dim=1)
+        x = block(x, attn_mask=model.attn_mask)
+    x = model.ln_final(x)
+    return x[torch.arange(x.shape[0]), token_ids.argmax(dim=-1)] @ model.text_projection
+
+
+@pytest.fixture(scope="session")
+def reference_text():
+    """CLIP's text forward at full length from open_clip's modules, independent of fastcal's
+    TextEncoder: ``reference_text(model, embeddings, token_ids, deep_prompts=None, injected=None)``."""
+    return _reference_text
+
+
+@pytest.fixture(scope="session")
+def hf_tiny():
+    """The ``tests/hf_tiny.py`` helpers (tiny random-init Hugging Face CLIP / SigLIP, a CLIP tokenizer);
+    skips the test when ``transformers`` (the ``hf`` extra) is not installed."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location(
+        "fastcal_tests_hf_tiny", Path(__file__).with_name("hf_tiny.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -13,11 +13,25 @@ from fastcal.metrics import REPORT_KEYS, ece
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
 
-def test_readme_has_the_three_quick_start_blocks():
+def section(title):
+    start = README.index(f"\n## {title}\n")
+    end = README.find("\n## ", start + 1)
+    return README[start : end if end > 0 else None]
+
+
+def python_blocks(text):
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+PYTHON_BLOCKS = python_blocks(section("Quick start in Python"))
+OWN_CODE_BLOCKS = python_blocks(section("Use fastcal in your own code"))
+
+
+def test_readme_has_the_quick_start_and_own_code_blocks():
     assert len(PYTHON_BLOCKS) == 3
+    assert len(OWN_CODE_BLOCKS) == 6
 
 
 def _run_block(index):
@@ -61,3 +75,29 @@ def test_ci_runs_the_readme_test_command():
     test_command = "./setup.sh && .venv/bin/pytest"
     assert test_command in README and "./setup.sh && .venv/bin/fastcal demo" in README
     assert f"{test_command} </dev/null" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_own_code_examples_run_in_order(testbed_cache, hf_tiny, tmp_path, monkeypatch, capsys):
+    """Every block of "Use fastcal in your own code", in order, in one namespace; the Hugging Face
+    model id is swapped for a tiny random-init CLIP saved in the same form (no network here)."""
+    pytest.importorskip("lightning")
+    monkeypatch.chdir(tmp_path)
+    hf_folder = tmp_path / "tiny-hf-clip"
+    hf_tiny.save_clip_folder(hf_folder)
+    namespace = {}
+    for index, block in enumerate(OWN_CODE_BLOCKS):
+        code = block.replace("hf:openai/clip-vit-base-patch32", f"hf:{hf_folder}")
+        before = namespace["coop"].tuned_state_dict() if index else {}  # detached copies
+        exec(compile(code, f"README.md own-code block {index}", "exec"), namespace)
+        if index in (1, 2, 3):  # the loss in a plain loop, the HF Trainer, Lightning: each one trains
+            after = namespace["coop"].tuned_state_dict()
+            assert any(not torch.equal(before[k], after[k]) for k in after), f"block {index} trained nothing"
+
+    coop, result = namespace["coop"], namespace["result"]
+    assert coop.recipe["lr"] == 0.002 and coop.prompt_learner.n_ctx == 4
+    assert not any(p.requires_grad for p in coop.clip_model.parameters())
+    assert result.selected.shape == (1, 6) and result.ctx.shape == (1, 4, coop.prompt_learner.ctx_dim)
+    assert result.logits.shape == (1, 10) and torch.isfinite(result.loss).all()
+    assert namespace["logits"].shape == (1, 10)
+    assert tuple(namespace["hf_coop"].class_features().shape) == (3, 24)
+    assert not (tmp_path / "hf-run").exists() or not any((tmp_path / "hf-run").rglob("*.safetensors"))

@@ -23,8 +23,7 @@ class ScaledZeroShot(PromptMethod):
     input_kind = "features"
 
     def __init__(self, model, tokenizer, classnames, *, ctx_init=None):
-        super().__init__(model)
-        self.tokenizer = tokenizer
+        super().__init__(model, tokenizer)
         width = model.text_projection.shape[1]
         self.scale = nn.Parameter(torch.ones(width))
         self.set_classnames(classnames)
@@ -36,11 +35,13 @@ class ScaledZeroShot(PromptMethod):
     def set_classnames(self, classnames):
         self._classnames = list(classnames)
         features = class_text_features(self.clip_model, self.tokenizer, self._classnames, TEMPLATE)
-        self.register_buffer("class_features", F.normalize(features.float(), dim=-1), persistent=False)
+        self.register_buffer("zeroshot_features", F.normalize(features.float(), dim=-1), persistent=False)
 
-    def forward(self, image_features):
-        text = self.class_features.to(self.scale.device) * self.scale
-        return clip_logits(image_features, text, self.clip_model.logit_scale)
+    def class_features(self):
+        return self.zeroshot_features.to(self.scale.device) * self.scale
+
+    def output(self, image_features):
+        return clip_logits(image_features, self.class_features(), self.clip_model.logit_scale)
 
 
 TOY = MethodSpec(

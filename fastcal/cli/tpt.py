@@ -9,10 +9,13 @@ Examples:
   fastcal tpt ... --resume                                            # after a crash or a kill
 
 Methods: tpt (Shu et al. 2022), ctpt (C-TPT: loss - lambda * ATFD; lambda 50 on fine-grained sets, 20 on
-the ImageNet variants), and the baselines zeroshot (hard prompt "a photo of a {}.") and ensemble (the
-dataset's templates). --init fpp pretrains the context data-free first (FPP, 1,000 steps, cached in the
-output folder; flatness weight 1 + 15/C on the fine-grained sets, 1.25 on the ImageNet variants as their
-scripts use, and 1.25 on the testbed, whose 5 classes would give 4, far outside the formula's range).
+the ImageNet variants), otpt (O-TPT: loss + lambda * orthogonality penalty; 18 on the fine-grained sets
+and ImageNet, 2 on its variants), and the baselines zeroshot (hard prompt "a photo of a {}.") and
+ensemble (the dataset's templates). --init fpp pretrains the context data-free first (FPP, 1,000 steps,
+cached in the output folder; flatness weight 1 + 15/C on the fine-grained sets, 1.25 on the ImageNet
+variants as their scripts use, and 1.25 on the testbed, whose 5 classes would give 4, far outside the
+formula's range); --init ensemble tunes one context per template of the dataset, their features
+averaged (C-TPT's "Ensemble" initialization).
 --temperature T divides the final logits by T (TPT + temperature scaling; C-TPT's baseline uses 1.16 for
 ViT); --temperature fit fits T on the dataset's validation (else train) images. AugMix is on for the
 fine-grained sets and the testbed, and on the ImageNet variants for ctpt and fpp (as their reference

@@ -78,8 +78,9 @@ def list_images(directory: str | os.PathLike) -> list[str]:
 
 
 def prompt_classname(name: str) -> str:
-    """The class name as it goes into a prompt: underscores become spaces (CoOp's ``PromptLearner``)."""
-    return name.replace("_", " ").strip()
+    """The class name as it goes into a prompt: underscores become spaces (CoOp's ``PromptLearner``),
+    runs of white space one space, none at the ends (``"golden_retriever "`` -> ``"golden retriever"``)."""
+    return " ".join(name.replace("_", " ").split())
 
 
 class UnreadableImageError(ValueError):

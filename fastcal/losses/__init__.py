@@ -4,7 +4,8 @@
   penalty + text moment matching, fused on the torch / triton / native backends of ``fastcal.ops``.
 - ``KgCoOpLoss`` / ``kgcoop_loss`` (KgCoOp), ``TextDispersion`` / ``text_dispersion`` and
   ``DispersionLoss`` / ``dispersion_loss`` (C-TPT's ATFD and its negative), ``OutlierDriftLoss`` /
-  ``outlier_drift_loss`` (DOR), ``LabelSmoothedCrossEntropy`` / ``label_smoothed_cross_entropy``,
+  ``outlier_drift_loss`` (DOR), ``orthogonality_penalty`` (O-TPT), ``LabelSmoothedCrossEntropy`` /
+  ``label_smoothed_cross_entropy``,
   ``MarginalEntropy`` / ``marginal_entropy`` (TPT): plain torch.
 - ``value_checks(False)``: a context in which no loss reads tensor values to validate them (no host
   synchronization on a GPU), for a training loop that checks its loss itself.
@@ -16,6 +17,7 @@ from fastcal.losses.functional import (
     kgcoop_loss,
     label_smoothed_cross_entropy,
     marginal_entropy,
+    orthogonality_penalty,
     outlier_drift_loss,
     text_dispersion,
     value_checks,
@@ -43,6 +45,7 @@ __all__ = [
     "kgcoop_loss",
     "label_smoothed_cross_entropy",
     "marginal_entropy",
+    "orthogonality_penalty",
     "outlier_drift_loss",
     "text_dispersion",
     "value_checks",

@@ -275,6 +275,32 @@ def dispersion_loss(text_features: torch.Tensor, *, reduction: str = "mean") -> 
     return -text_dispersion(text_features, reduction=reduction)
 
 
+def orthogonality_penalty(text_features: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """O-TPT's orthogonality penalty on L2-normalized class text features ``t_c``::
+
+        P(T) = mean_c ( ||G_c||_2 - 1 ),   G = T T^T,   ||G_c||^2 = 1 + sum_{j != c} cos(t_c, t_j)^2
+
+    (Sharifdeen et al., CVPR 2025; ashshaksharifdeen/O-TPT ``otpt_classification.py``, which builds one
+    Householder reflection per class, a C x C x C tensor, whose result reduces exactly to this row-norm
+    form). ``||G_c||^2 = t_c^T (T^T T) t_c``, so the Gram matrix of the smaller side is formed: C x C
+    when C <= D, else D x D; never C x C x C.
+
+    text_features: (C, D) -> 0-dim; or (S, C, D), one class set per sample (batched TPT) -> one penalty
+    per sample, reduced over S with ``reduction``.
+    """
+    check_tensor("text_features", text_features, ndim=(2, 3), floating=True, finite=False)
+    check_choice("reduction", reduction, REDUCTIONS)
+    _check_features("text_features", text_features.reshape(-1, text_features.shape[-1]))
+    t = F.normalize(text_features, dim=-1)
+    if t.shape[-2] <= t.shape[-1]:
+        gram = t @ t.transpose(-1, -2)
+        row_norm_sq = (gram * gram).sum(dim=-1)
+    else:
+        row_norm_sq = ((t @ (t.transpose(-1, -2) @ t)) * t).sum(dim=-1)
+    penalty = (row_norm_sq.sqrt() - 1.0).mean(dim=-1)
+    return penalty if text_features.ndim == 2 else _reduce(penalty, reduction)
+
+
 def outlier_drift_loss(
     tuned_outlier_features: torch.Tensor, frozen_outlier_features: torch.Tensor, *, reduction: str = "mean"
 ) -> torch.Tensor:

@@ -1,27 +1,38 @@
 """What every prompt-tuning method shares: which parts are tuned, how logits are formed, the registry.
 
 A method is a ``PromptMethod``: a frozen CLIP plus the modules it tunes (prompt learners, a meta-net,
-visual prompts), and a ``forward`` that maps a batch to ``MethodOutput``::
+visual prompts). Its logits are CLIP's::
 
     f_i = normalize(image features),  t_c = normalize(class text features)
     logits_ic = exp(logit_scale) * <f_i, t_c>          (CLIP, Radford et al. 2021; CoOp's CustomCLIP)
 
 Per-image class features ``t_ic`` (CoCoOp) give ``logits_ic = exp(logit_scale) * <f_i, t_ic>``.
 
-``input_kind`` says what ``forward`` takes: ``"features"`` (the image encoder is frozen and unprompted,
-so the trainer feeds cached image features: CoOp, CoCoOp, KgCoOp) or ``"images"`` (the image encoder
-runs with learned prompts: VPT, MaPLe). The CLIP weights are frozen (``requires_grad=False``) when the
-method is built; only the method's own parameters train, and only they are saved
-(``tuned_state_dict``). What else a method can offer the trainer: its features of arbitrary words
-through the tuned prompt (``term_features``, ``outlier_drift_pair``: DOR), its frozen image features
-(``frozen_image_features``: PromptSRC's agreement terms) and state kept between steps
-(``training_state``: ProDA's prompt-subset cycle).
+Calling a method:
 
-``MethodSpec`` ties a method's name to its builder, its published base-to-new recipe (config values with
-the source they were read from, per dataset where the code differs), the regularizers it always adds
-(KgCoOp's knowledge guidance) and the training hooks it needs (ProGrad's gradient rule, PromptSRC's
-prompt aggregation); it is registered in ``fastcal.registry`` (kind ``"prompt_method"``), and
-``get_method(name)`` imports the method's module on demand.
+- ``method(images)`` -> logits ``(B, C)``: one call, as the reference ``CustomCLIP(image)``;
+- ``method.forward_features(image_features)`` -> logits, from cached features of the frozen image
+  encoder (methods whose ``input_kind`` is ``"features"``: CoOp, CoCoOp, KgCoOp);
+- ``method.output(inputs)`` -> ``MethodOutput`` (logits, the normalized features, the scale): what the
+  losses read. ``inputs`` is what ``input_kind`` says: image features for a frozen image encoder,
+  images for a prompted one (VPT, MaPLe); ``method.prepare_inputs(images)`` makes them from images.
+
+``class_features()`` gives the class text features, ``tuned_parameters()`` what trains (only those are
+saved, ``tuned_state_dict``), ``recipe`` the published base-to-new recipe of the method's registry entry
+(``spec``). The CLIP weights are frozen (``requires_grad=False``) when a method is built: the method
+owns them from then on.
+
+``MethodSpec`` ties a method's name to its builder, its published recipe (config values with the source
+they were read from) and the regularizers it always adds (KgCoOp's knowledge guidance); it is registered
+in ``fastcal.registry`` (kind ``"prompt_method"``), ``get_method(name)`` imports the method's module on
+demand, and ``build_method(name, model, tokenizer, classnames)`` builds it with the recipe's options.
+
+What else a method can offer the trainer: its features of arbitrary words through the tuned prompt
+(``term_features``, ``outlier_drift_pair``: DOR), its frozen image features (``frozen_image_features``:
+PromptSRC's agreement terms) and state kept between steps (``training_state``: ProDA's prompt-subset
+cycle). ``MethodSpec.hooks`` name what a training step does beyond its objective (ProGrad's gradient
+rule, PromptSRC's prompt aggregation); ``MethodSpec.dataset_recipes`` the per-dataset values of a
+method's code.
 """
 
 from __future__ import annotations
@@ -78,23 +89,26 @@ def clip_logits(
 
 
 class PromptMethod(nn.Module):
-    """Base class: a frozen CLIP (``self.clip_model``) and the modules a method tunes.
+    """Base class: a frozen CLIP (``self.clip_model``), its tokenizer and the modules a method tunes.
 
-    Subclasses set ``input_kind`` and implement ``forward(inputs) -> MethodOutput`` and
-    ``set_classnames``; frozen-image methods get ``encode_images`` for free.
+    Subclasses set ``input_kind`` and ``method_name`` (their registry name) and implement
+    ``output(inputs) -> MethodOutput``, ``class_features`` and ``set_classnames``; frozen-image methods
+    get ``encode_images`` for free.
     """
 
     input_kind: str = "features"
     # True when every image has its own class features (CoCoOp): evaluation batches then hold
     # B * C prompts, and the trainer sizes them by that.
     per_image_prompts: bool = False
+    method_name: str = ""
 
-    def __init__(self, clip_model: nn.Module) -> None:
+    def __init__(self, clip_model: nn.Module, tokenizer: Any = None) -> None:
         super().__init__()
         if not hasattr(clip_model, "encode_image") or not hasattr(clip_model, "logit_scale"):
-            raise TypeError(f"clip_model: expected an open_clip CLIP, got {type(clip_model).__name__}")
+            raise TypeError(f"clip_model: expected a CLIP model, got {type(clip_model).__name__}")
         clip_model.requires_grad_(False)
         self.clip_model = clip_model
+        object.__setattr__(self, "tokenizer", tokenizer)  # shared with the model, not a sub-module
 
     def train(self, mode: bool = True) -> PromptMethod:
         """Train mode for the method's own modules; the frozen CLIP stays in eval mode."""
@@ -110,9 +124,33 @@ class PromptMethod(nn.Module):
         """Switch to another class set (base -> new, another dataset); tuned parameters are kept."""
         raise NotImplementedError
 
+    @property
+    def spec(self) -> MethodSpec:
+        """The registry entry of the method (``method_name``)."""
+        return get_method(self.method_name)
+
+    @property
+    def recipe(self) -> Mapping[str, Any]:
+        """The published base-to-new recipe (``spec.recipe``; its source: ``spec.source``)."""
+        return self.spec.recipe
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Image features (B, D), unnormalized, as this method sees them (frozen encoder by default)."""
         return self.clip_model.encode_image(images)
+
+    def prepare_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """What ``output`` takes, made from images: their frozen features (computed without gradients)
+        for ``input_kind == "features"``, the images themselves otherwise."""
+        check_tensor("images", images, ndim=4, floating=True, finite=False)
+        if self.input_kind == "features":
+            with torch.no_grad():
+                return self.encode_images(images)
+        return images
+
+    def class_features(self) -> torch.Tensor:
+        """The class text features ``(C, D)`` the logits use, unnormalized (as the text tower outputs
+        them)."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def frozen_image_features(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -188,8 +226,22 @@ class PromptMethod(nn.Module):
             return check_tensor("image_features", inputs, ndim=2, floating=True, finite=False)
         return check_tensor("images", inputs, ndim=4, floating=True, finite=False)
 
-    def forward(self, inputs: torch.Tensor) -> MethodOutput:
+    def output(self, inputs: torch.Tensor) -> MethodOutput:
+        """Logits and features of a batch of ``inputs`` (image features or images, per ``input_kind``)."""
         raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` (B, 3, H, W), preprocessed as the CLIP expects -> logits (B, C)."""
+        return self.output(self.prepare_inputs(images)).logits
+
+    def forward_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Image features (B, D) of the frozen image encoder (e.g. cached) -> logits (B, C)."""
+        if self.input_kind != "features":
+            raise TypeError(
+                f"forward_features: {type(self).__name__} prompts the image encoder, so it needs images: "
+                "call method(images)"
+            )
+        return self.output(image_features).logits
 
 
 @dataclass(frozen=True)
@@ -233,3 +285,19 @@ def get_method(name: str) -> MethodSpec:
     if not isinstance(spec, MethodSpec) or spec.name != name:
         raise TypeError(f"prompt_method {name!r}: expected its MethodSpec, got {type(spec).__name__}")
     return spec
+
+
+def build_method(
+    name: str, model: nn.Module, tokenizer: Any, classnames: Sequence[str], **options: Any
+) -> PromptMethod:
+    """The method ``name`` for ``classnames``, with its recipe's method options (e.g. CoOp's 4-token
+    context from "a photo of a") unless ``options`` give others."""
+    spec = get_method(name)
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise fail("options", f"options of {name!r} ({', '.join(spec.options)})", ", ".join(unknown))
+    chosen = {key: spec.recipe[key] for key in spec.options if key in spec.recipe}
+    chosen.update(options)
+    method = spec.build(model, tokenizer, classnames, **chosen)
+    method.method_name = name
+    return method

@@ -56,6 +56,7 @@ class CoCoOp(CoOp):
     Args: as ``CoOp``; the meta-net's hidden width is ``D // 16`` (D = the image feature width).
     """
 
+    method_name = "cocoop"
     per_image_prompts = True
     packs_prompts = False
 
@@ -117,11 +118,15 @@ class CoCoOp(CoOp):
         ctx = self.conditioned_context(image_features).mean(dim=0)
         return self.prompt_learner.encode_terms(list(terms), ctx.mean(dim=0) if ctx.ndim == 3 else ctx)
 
-    def forward(self, image_features: torch.Tensor) -> MethodOutput:
+    def class_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Each image's class text features ``(B, C, D)`` (unnormalized): the context is conditioned on
+        the image's features ``(B, D)``."""
+        return self.prompt_learner(self.conditioned_context(image_features))
+
+    def output(self, image_features: torch.Tensor) -> MethodOutput:
         """``image_features`` (B, D) -> logits (B, C) with one classifier per image."""
         self.check_inputs(image_features)
-        text_features = self.prompt_learner(self.conditioned_context(image_features))
-        return clip_logits(image_features, text_features, self.clip_model.logit_scale)
+        return clip_logits(image_features, self.class_features(image_features), self.clip_model.logit_scale)
 
 
 SPEC = MethodSpec(

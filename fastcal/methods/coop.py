@@ -65,6 +65,7 @@ class CoOp(PromptMethod):
     """
 
     input_kind = "features"
+    method_name = "coop"
     # one context for every class: the shared prefix is computed once (CoCoOp's contexts differ per image)
     packs_prompts = True
     supports_outliers = True
@@ -83,7 +84,7 @@ class CoOp(PromptMethod):
         n_learned: int | None = None,
         name_template: str = "{}.",
     ) -> None:
-        super().__init__(model)
+        super().__init__(model, tokenizer)
         self.prompt_learner = PromptLearner(
             TextEncoder(model, bucket=True),
             tokenizer,
@@ -112,16 +113,16 @@ class CoOp(PromptMethod):
         self.prompt_learner.set_classnames(classnames)
         self._pack()
 
-    def text_features(self) -> torch.Tensor:
+    def class_features(self) -> torch.Tensor:
         """The classes' text features ``(C, D)`` with the learned context (unnormalized)."""
         if self.packed is None:
             return self.prompt_learner()
         return self.packed(self.prompt_learner.ctx[None])[0]
 
-    def forward(self, image_features: torch.Tensor) -> MethodOutput:
+    def output(self, image_features: torch.Tensor) -> MethodOutput:
         """``image_features`` (B, D) from the frozen image encoder -> logits over the classes."""
         self.check_inputs(image_features)
-        return clip_logits(image_features, self.text_features(), self.clip_model.logit_scale)
+        return clip_logits(image_features, self.class_features(), self.clip_model.logit_scale)
 
     def term_features(
         self,

@@ -6,8 +6,9 @@ features near the hand-crafted prompt's zero-shot features ``t0_c`` (the dataset
 
     L = CE + w * (1 - mean_c cos(t_c, t0_c))    (= CE + w/2 * ``fastcal.losses.kgcoop_loss``)
 
-The term is the ``"kgcoop"`` regularizer of ``fastcal.runs.train`` (weight ``kgcoop_weight``), so it combines
-with any loss; this module only names the recipe.
+The term is the ``"kgcoop"`` regularizer (``fastcal.methods.objectives.KnowledgeGuidance``, weight
+``kgcoop_weight``), which every training step of a ``KgCoOp`` adds (``fastcal.methods.training_step``,
+``fastcal train``), so it combines with any loss; the model is CoOp's.
 
 Base-to-new recipe: htyao89/KgCoOp ``KgCoOp/configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml`` with
 ``KgCoOp/scripts/base2new_train.sh``: ViT-B/16, 16 shots, context "a photo of a" (4 tokens), unified,
@@ -41,10 +42,17 @@ SOURCE = (
     "KgCoOp/scripts/base2new_train.sh (W=8.0)"
 )
 
+
+class KgCoOp(CoOp):
+    """CoOp's model under KgCoOp's name, recipe and knowledge-guidance regularizer (module docstring)."""
+
+    method_name = "kgcoop"
+
+
 SPEC = MethodSpec(
     name="kgcoop",
     title="KgCoOp",
-    build=CoOp,
+    build=KgCoOp,
     options=PROMPT_OPTIONS,
     recipe=RECIPE,
     source=SOURCE,

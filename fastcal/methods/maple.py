@@ -100,6 +100,7 @@ class MaPLe(PromptMethod):
     """
 
     input_kind = "images"
+    method_name = "maple"
     supports_outliers = True
 
     def __init__(
@@ -113,7 +114,7 @@ class MaPLe(PromptMethod):
         prompt_depth: int = 9,
         init_std: float = 0.02,
     ) -> None:
-        super().__init__(model)
+        super().__init__(model, tokenizer)
         check_int("n_ctx", n_ctx, minimum=1)
         check_int("prompt_depth", prompt_depth, minimum=1)
         tower = vision_tower(model)
@@ -140,7 +141,7 @@ class MaPLe(PromptMethod):
     def set_classnames(self, classnames: Sequence[str]) -> None:
         self.prompt_learner.set_classnames(classnames)
 
-    def text_features(self) -> torch.Tensor:
+    def class_features(self) -> torch.Tensor:
         """Class text features (C, D) with the context and the deep text prompts."""
         learner = self.prompt_learner
         return learner.text_encoder.encode_embeddings(
@@ -168,10 +169,10 @@ class MaPLe(PromptMethod):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return prompted_image_features(self.clip_model, images, self.visual_prompts())
 
-    def forward(self, images: torch.Tensor) -> MethodOutput:
+    def output(self, images: torch.Tensor) -> MethodOutput:
         """``images`` (B, 3, H, W) -> logits (B, C)."""
         self.check_inputs(images)
-        return clip_logits(self.encode_images(images), self.text_features(), self.clip_model.logit_scale)
+        return clip_logits(self.encode_images(images), self.class_features(), self.clip_model.logit_scale)
 
 
 SPEC = MethodSpec(

@@ -362,7 +362,7 @@ CALIBRATED = LossSpec(
         moment_weight=options["moment_weight"],
         label_smoothing=options["label_smoothing"],
     ),
-    {"label_smoothing": 0.0},
+    {"margin_alpha": 0.1, "margin_beta": 0.01, "moment_weight": 5.0, "label_smoothing": 0.0},
     "calibrated loss",
 )
 
@@ -375,5 +375,6 @@ def loss_options(name: str, settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_loss(name: str, settings: Mapping[str, Any]) -> Callable[[StepBatch], torch.Tensor]:
-    """The loss ``name`` (a registry entry) with its options taken from ``settings``."""
+    """The loss ``name`` (a registry entry) with its options taken from ``settings``; ``settings`` may
+    hold other keys (a run's whole config)."""
     return registry.get("loss", name, argument="loss").build(loss_options(name, settings))

@@ -23,27 +23,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from open_clip.model import CLIP
-from open_clip.transformer import TextTransformer
 from torch import nn
 
 from fastcal._checks import check_int, fail
 from fastcal.methods.prompt_learner import PromptLearner
-from fastcal.models.text_encoder import project_pooled
+from fastcal.models.text_encoder import project_pooled, text_tower
 
 PACKED_LENGTH = 64
 
 
 def _text_tower(model: nn.Module) -> nn.Module:
-    if isinstance(model, (CLIP, TextTransformer)):
-        return model
-    if isinstance(getattr(model, "text", None), TextTransformer):
-        return model.text
-    raise fail(
-        "model",
-        "an open_clip CLIP or a CustomTextCLIP with an open_clip TextTransformer",
-        type(model).__name__,
-    )
+    tower = text_tower(model)
+    if tower is None:
+        raise fail(
+            "model",
+            "a CLIP whose text tower fastcal can run (fastcal.models.text_encoder)",
+            type(model).__name__,
+        )
+    return tower
 
 
 def shares_prefix(learner: PromptLearner) -> bool:

@@ -114,6 +114,7 @@ class ProDA(PromptMethod):
     """
 
     input_kind = "features"
+    method_name = "proda"
 
     def __init__(
         self,
@@ -126,7 +127,7 @@ class ProDA(PromptMethod):
         prompt_batch: int = 4,
         init_std: float = 0.02,
     ) -> None:
-        super().__init__(model)
+        super().__init__(model, tokenizer)
         check_int("n_prompts", n_prompts, minimum=1)
         check_int("prompt_batch", prompt_batch, minimum=1)
         if n_prompts % prompt_batch:
@@ -224,8 +225,12 @@ class ProDA(PromptMethod):
             self._classifier = cached
         return cached[2]
 
+    def class_features(self) -> torch.Tensor:
+        """The classifier ``(C, D)`` evaluation scores with (``classifier``: not normalized)."""
+        return self.classifier()
+
     # ---- forward -----------------------------------------------------------------------------------
-    def forward(self, image_features: torch.Tensor) -> MethodOutput:
+    def output(self, image_features: torch.Tensor) -> MethodOutput:
         """``image_features`` (B, D) -> logits (B, C): in training with the step's P prompts (their mean,
         and their features in ``prompt_features``), in evaluation with the mean of all K."""
         self.check_inputs(image_features)

@@ -111,6 +111,8 @@ class ProGrad(CoOp):
     first ``n_ctx - m`` zero.
     """
 
+    method_name = "prograd"
+
     def __init__(
         self,
         model: nn.Module,
@@ -176,14 +178,14 @@ class PromptAlignedGradient(TrainingHook):
     forms_gradient = True
 
     def __init__(self, setup: RegularizerSetup) -> None:
-        from fastcal.methods.vpt import hand_crafted_features
+        from fastcal.models.cache import zeroshot_class_features
 
         template = setup.config.get("text_template") or setup.templates[0]
         weight = setup.config.get("prograd_lambda")
         self.weight = PROGRAD_LAMBDA if weight is None else float(weight)
         self.template = template
-        features = hand_crafted_features(setup.model, setup.tokenizer, setup.classnames, template)
-        self.teacher_text_features = F.normalize(features, dim=-1).to(setup.device)
+        features = zeroshot_class_features(setup.model, setup.tokenizer, setup.classnames, [template])
+        self.teacher_text_features = features.to(setup.device)
 
     def teacher_logits(self, batch: StepBatch) -> torch.Tensor:
         """``exp(logit_scale) * f0 @ t0^T`` on the batch's frozen image features."""

@@ -12,7 +12,8 @@ features of, per class ``c``::
 The context is one ``(n, W)`` matrix shared by all classes ("unified") or one per class
 (``class_specific=True``, CoOp's CSC, ``(C, n, W)``). It is initialized from a phrase (``ctx_init="a photo
 of a"``: the phrase's token embeddings; ``n`` becomes its token count) or from N(0, ``init_std``^2).
-The frozen parts are the token embeddings of the prompt text ``"<context words> <name>."`` (CoOp's
+The frozen parts are the token embeddings of the prompt text ``"<context words> <name>."`` (or another
+``name_template``: a template's remainder, TCP's dataset words; CoOp's
 ``token_prefix`` = SOS and ``token_suffix`` = everything after the context); they are buffers recomputed
 from the class names, never saved (``state_dict()`` holds only ``ctx``), so a learned context loads
 into a learner for other classes (base-to-new evaluation, cross-dataset transfer).
@@ -53,6 +54,19 @@ def _check_names(name: str, names: Any) -> list[str]:
     if not all(isinstance(n, str) and n.strip() for n in names):
         raise fail(name, "non-empty strings", repr(list(names))[:200])
     return [prompt_classname(n) for n in names]
+
+
+def _check_start_token(tokenizer: Any) -> None:
+    """Prompt learners put the context right after a start token every prompt begins with (CLIP's
+    ``<start_of_text>``); a tokenizer without one (SigLIP's) is refused."""
+    first = tokenizer(["a", "b"])[:, 0]
+    if int(first[0]) != int(first[1]):
+        raise fail(
+            "tokenizer",
+            "one that starts every prompt with a start token, as CLIP's does (the learned context goes "
+            "right after it)",
+            "one without (e.g. SigLIP's): use zero-shot classification or fine-tuning with this model",
+        )
 
 
 class _Layout:
@@ -128,8 +142,9 @@ class PromptLearner(nn.Module):
         init_std: standard deviation of the random initialization (CoOp: 0.02).
         n_learned: with ``ctx_init``, learn only the phrase's first ``n_learned`` tokens and keep the rest
             as fixed words after them (MaPLe: 2 learned tokens of "a photo of a"; default: all).
-        name_template: the text after the context, ``{}`` the class name (default ``"{}."``; TCP's
-            tuned prompts carry dataset words: ``"{}, a type of pet."``, ``"person doing {}."``). The
+        name_template: the text after the context, ``{}`` the class name (default ``"{}."``; a template's
+            remainder, ``"{} in a video game."`` after ``"a"``; TCP's tuned prompts carry dataset words:
+            ``"{}, a type of pet."``, ``"person doing {}."``). The
             middle and front layouts need it to start with the name, and move the name alone.
 
     Attributes:
@@ -161,6 +176,7 @@ class PromptLearner(nn.Module):
             )
         if not callable(tokenizer):
             raise TypeError(f"tokenizer: expected a callable, got {type(tokenizer).__name__}")
+        _check_start_token(tokenizer)
         classnames = _check_names("classnames", classnames)
         check_int("n_ctx", n_ctx, minimum=1)
         check_choice("class_token_position", class_token_position, CLASS_TOKEN_POSITIONS)

@@ -133,6 +133,7 @@ class PromptSRC(PromptMethod):
     """
 
     input_kind = "images"
+    method_name = "promptsrc"
     supports_outliers = True
 
     def __init__(
@@ -148,7 +149,7 @@ class PromptSRC(PromptMethod):
         vision_depth: int = 9,
         init_std: float = 0.02,
     ) -> None:
-        super().__init__(model)
+        super().__init__(model, tokenizer)
         check_int("n_ctx", n_ctx, minimum=1)
         check_int("prompt_depth", prompt_depth, minimum=1)
         text_layers = len(model.transformer.resblocks)
@@ -169,7 +170,7 @@ class PromptSRC(PromptMethod):
     def set_classnames(self, classnames: Sequence[str]) -> None:
         self.prompt_learner.set_classnames(classnames)
 
-    def text_features(self) -> torch.Tensor:
+    def class_features(self) -> torch.Tensor:
         """Class text features (C, D) with the context and the deep text prompts (unnormalized)."""
         learner = self.prompt_learner
         return learner.text_encoder.encode_embeddings(
@@ -190,10 +191,10 @@ class PromptSRC(PromptMethod):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.visual_prompts(self.clip_model, images)
 
-    def forward(self, images: torch.Tensor) -> MethodOutput:
+    def output(self, images: torch.Tensor) -> MethodOutput:
         """``images`` (B, 3, H, W) -> logits (B, C)."""
         self.check_inputs(images)
-        return clip_logits(self.encode_images(images), self.text_features(), self.clip_model.logit_scale)
+        return clip_logits(self.encode_images(images), self.class_features(), self.clip_model.logit_scale)
 
 
 def self_regulation_terms(

@@ -50,9 +50,10 @@ from open_clip.transformer import QuickGELU
 from torch import nn
 
 from fastcal._checks import check_int, fail
-from fastcal.methods.base import MethodOutput, MethodSpec, clip_logits
+from fastcal.methods.base import MethodSpec
 from fastcal.methods.coop import CoOp
 from fastcal.methods.objectives import KnowledgeGuidance, StepBatch
+from fastcal.models.cache import zeroshot_class_features
 
 CLASS_TEMPLATE = "a photo of a {}."
 KGCOOP_WEIGHT = 8.0
@@ -165,6 +166,7 @@ class TCP(CoOp):
         inject_layer: the text layer before which the class-aware tokens replace the context.
     """
 
+    method_name = "tcp"
     packs_prompts = False
 
     def __init__(
@@ -195,7 +197,6 @@ class TCP(CoOp):
             raise fail("inject_layer", f"a text layer in [0, {layers - 1}]", inject_layer)
         self.inject_layer = inject_layer
         self.text_template = text_template
-        object.__setattr__(self, "tokenizer", tokenizer)
         learner = self.prompt_learner
         self.knowledge_embedding = TextualKnowledgeEmbedding(
             model.text_projection.shape[1], learner.n_ctx, learner.ctx_dim
@@ -203,10 +204,10 @@ class TCP(CoOp):
         self._set_class_knowledge()
 
     def _set_class_knowledge(self) -> None:
-        from fastcal.methods.vpt import hand_crafted_features
-
-        features = hand_crafted_features(self.clip_model, self.tokenizer, self.classnames, self.text_template)
-        self.register_buffer("class_knowledge", F.normalize(features, dim=-1), persistent=False)
+        features = zeroshot_class_features(
+            self.clip_model, self.tokenizer, self.classnames, [self.text_template]
+        )
+        self.register_buffer("class_knowledge", features, persistent=False)
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         super().set_classnames(classnames)
@@ -216,7 +217,7 @@ class TCP(CoOp):
         """``(inject_layer, TKE(class_features))``: what ``TextEncoder.encode_embeddings`` injects."""
         return self.inject_layer, self.knowledge_embedding(class_features)
 
-    def text_features(self) -> torch.Tensor:
+    def class_features(self) -> torch.Tensor:
         """Class text features (C, D) with the class-aware tokens (unnormalized)."""
         learner = self.prompt_learner
         return learner.text_encoder.encode_embeddings(
@@ -236,11 +237,6 @@ class TCP(CoOp):
             raise fail("frozen_features", "the terms' frozen features (TCP's class knowledge)", "None")
         tokens = self.class_tokens(F.normalize(frozen_features, dim=-1))
         return self.prompt_learner.encode_terms(list(terms), injected=tokens)
-
-    def forward(self, image_features: torch.Tensor) -> MethodOutput:
-        """``image_features`` (B, D) from the frozen image encoder -> logits over the classes."""
-        self.check_inputs(image_features)
-        return clip_logits(image_features, self.text_features(), self.clip_model.logit_scale)
 
 
 class ClassKnowledgeGuidance(KnowledgeGuidance):

@@ -79,6 +79,7 @@ class VPT(PromptMethod):
     """
 
     input_kind = "images"
+    method_name = "vpt"
     supports_outliers = True
 
     def __init__(
@@ -92,10 +93,9 @@ class VPT(PromptMethod):
         text_template: str = TEXT_TEMPLATE,
         init_std: float = 0.02,
     ) -> None:
-        super().__init__(model)
+        super().__init__(model, tokenizer)
         if not isinstance(text_template, str) or text_template.count("{}") != 1:
             raise fail("text_template", "a string with one '{}'", repr(text_template))
-        object.__setattr__(self, "tokenizer", tokenizer)
         self.text_template = text_template
         self.visual_prompts = DeepVisualPrompts(
             model, n_tokens=n_ctx_vision, depth=vision_depth, init_std=init_std
@@ -111,7 +111,7 @@ class VPT(PromptMethod):
         if isinstance(classnames, str) or not classnames:
             raise fail("classnames", "a non-empty list of class names", repr(classnames)[:200])
         features = hand_crafted_features(self.clip_model, self.tokenizer, classnames, self.text_template)
-        self.register_buffer("text_features", features, persistent=False)
+        self.register_buffer("fixed_class_features", features, persistent=False)
         self._classnames = list(classnames)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -129,10 +129,14 @@ class VPT(PromptMethod):
         frozen = batch.frozen_image_features.to(outliers.dtype) @ outliers.T
         return tuned - tuned.mean(dim=-1, keepdim=True), frozen - frozen.mean(dim=-1, keepdim=True)
 
-    def forward(self, images: torch.Tensor) -> MethodOutput:
+    def class_features(self) -> torch.Tensor:
+        """The hand-crafted prompt's class text features ``(C, D)`` (frozen, unnormalized)."""
+        return self.fixed_class_features
+
+    def output(self, images: torch.Tensor) -> MethodOutput:
         """``images`` (B, 3, H, W) -> logits (B, C)."""
         self.check_inputs(images)
-        return clip_logits(self.encode_images(images), self.text_features, self.clip_model.logit_scale)
+        return clip_logits(self.encode_images(images), self.class_features(), self.clip_model.logit_scale)
 
 
 SPEC = MethodSpec(

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from fastcal._checks import check_int, fail
 from fastcal._io import cached_tensors, default_cache_dir, key_digest
 from fastcal._seeds import derived_seed
-from fastcal.data.items import seeded_generators
+from fastcal.data.items import prompt_classname, seeded_generators
 from fastcal.models.fingerprint import model_fingerprint
 from fastcal.models.text_encoder import TextEncoder
 
@@ -156,6 +156,54 @@ def tokenizer_key(tokenizer: Any) -> str:
     return f"{kind.__module__}.{kind.__qualname__}:{getattr(tokenizer, 'context_length', '')}:{name}"
 
 
+def zeroshot_class_features(
+    model: nn.Module,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    classnames: Sequence[str],
+    templates: str | Sequence[str],
+    *,
+    batch_size: int = 500,
+) -> torch.Tensor:
+    """CLIP's zero-shot class features ``(C, D)`` float32 (float64 for a float64 model), L2-normalized, on
+    the model's device::
+
+        t_c = normalize(mean_k normalize(encode_text(tokenizer(templates[k].format(name_c)))))
+
+    ``name_c`` is the class name as prompts carry it (``prompt_classname``: underscores become spaces);
+    computed with the truncated ``TextEncoder`` (bucketed) in batches of ``batch_size`` prompts, without
+    gradients. ``class_text_features`` is the same, cached on disk.
+    """
+    classnames, templates = _check_class_prompts(classnames, templates)
+    check_int("batch_size", batch_size, minimum=1)
+    encoder = TextEncoder(model, bucket=True)
+    names = [prompt_classname(c) for c in classnames]
+    total = None
+    with torch.no_grad():
+        for template in templates:
+            prompts = [template.format(c) for c in names]
+            chunks = [
+                encoder.encode(tokenizer(prompts[i : i + batch_size]))
+                for i in range(0, len(prompts), batch_size)
+            ]
+            chunks = [chunk.to(torch.promote_types(chunk.dtype, torch.float32)) for chunk in chunks]
+            normalized = F.normalize(torch.cat(chunks), dim=-1)
+            total = normalized if total is None else total + normalized
+    return F.normalize(total / len(templates), dim=-1)
+
+
+def _check_class_prompts(
+    classnames: Sequence[str], templates: str | Sequence[str]
+) -> tuple[list[str], list[str]]:
+    if isinstance(templates, str):
+        templates = [templates]
+    if isinstance(classnames, str) or not classnames or not all(isinstance(c, str) for c in classnames):
+        raise fail("classnames", "a non-empty list of strings", repr(classnames)[:200])
+    if not templates or not all(isinstance(t, str) and "{}" in t for t in templates):
+        expected = "a template string or a non-empty list of them, each with a '{}'"
+        raise fail("templates", expected, repr(templates)[:200])
+    return list(classnames), list(templates)
+
+
 def class_text_features(
     model: nn.Module,
     tokenizer: Callable[[list[str]], torch.Tensor],
@@ -166,46 +214,27 @@ def class_text_features(
     batch_size: int = 500,
     model_key: str | None = None,
 ) -> torch.Tensor:
-    """Frozen class-text features ``(C, D)`` float32, L2-normalized, cached on disk.
+    """``zeroshot_class_features`` cached on disk, on the CPU.
 
-    ``t_c = normalize(mean_k normalize(encode_text(tokenizer(templates[k].format(classnames[c])))))``.
     Keyed by ``model_fingerprint(model)`` (or ``model_key``, when the caller has hashed the weights
-    already), the tokenizer, the class names and the templates; computed with the truncated
-    ``TextEncoder`` (bucketed) in batches of ``batch_size`` prompts.
+    already), the tokenizer, the class names as prompts carry them and the templates.
     """
-    if isinstance(templates, str):
-        templates = [templates]
-    if isinstance(classnames, str) or not classnames or not all(isinstance(c, str) for c in classnames):
-        raise fail("classnames", "a non-empty list of strings", repr(classnames)[:200])
-    if not templates or not all(isinstance(t, str) and "{}" in t for t in templates):
-        expected = "a template string or a non-empty list of them, each with a '{}'"
-        raise fail("templates", expected, repr(templates)[:200])
+    classnames, templates = _check_class_prompts(classnames, templates)
     check_int("batch_size", batch_size, minimum=1)
     if model_key is not None and (not isinstance(model_key, str) or not model_key):
         raise fail("model_key", "a non-empty string (model_fingerprint(model)) or None", repr(model_key))
-    classnames, templates = list(classnames), list(templates)
     key = {
         "kind": "class_text_features",
         "format": _FORMAT_VERSION,
         "model": model_key if model_key is not None else model_fingerprint(model),
         "tokenizer": tokenizer_key(tokenizer),
-        "classnames": classnames,
+        "classnames": [prompt_classname(c) for c in classnames],
         "templates": templates,
     }
     path = _root(cache_dir) / "class_text_features" / f"{key_digest(key)}.safetensors"
 
     def compute() -> dict[str, torch.Tensor]:
-        encoder = TextEncoder(model, bucket=True)
-        total = None
-        with torch.no_grad():
-            for template in templates:
-                prompts = [template.format(c) for c in classnames]
-                chunks = [
-                    encoder.encode(tokenizer(prompts[i : i + batch_size])).float()
-                    for i in range(0, len(prompts), batch_size)
-                ]
-                normalized = F.normalize(torch.cat(chunks), dim=-1)
-                total = normalized if total is None else total + normalized
-        return {"features": F.normalize(total / len(templates), dim=-1).cpu()}
+        features = zeroshot_class_features(model, tokenizer, classnames, templates, batch_size=batch_size)
+        return {"features": features.cpu()}
 
     return cached_tensors(path, key, compute)["features"]

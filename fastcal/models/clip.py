@@ -1,4 +1,5 @@
-"""Load an open_clip CLIP: any architecture, random init, a pretrained tag or a local checkpoint.
+"""Load a CLIP: any open_clip architecture, random init, a pretrained tag or a local checkpoint; or a
+Hugging Face ``transformers`` CLIP / SigLIP (``"hf:<model id or folder>"``, ``fastcal.models.hf``).
 
 ``load_clip`` wraps ``open_clip.create_model`` (open_clip 3.x, github.com/mlfoundations/open_clip,
 ``factory.py``) and adds what an offline machine needs:
@@ -60,11 +61,13 @@ def load_clip(
     Args:
         name: an open_clip architecture (``open_clip.list_models()``, e.g. ``"ViT-B-32"``; a ``/`` is
             read as ``-``), ``"local-dir:DIR"`` (a folder with ``open_clip_config.json`` and optionally
-            a checkpoint) or ``"hf-hub:ORG/REPO"``.
+            a checkpoint), ``"hf-hub:ORG/REPO"`` (an open_clip model on the Hub) or ``"hf:ID_OR_FOLDER"``
+            (a ``transformers`` CLIP or SigLIP: a Hub id such as ``"openai/clip-vit-base-patch32"`` or a
+            ``save_pretrained`` folder; needs ``pip install 'fastcal[hf]'``).
         pretrained: ``None`` for random initialization, an open_clip pretrained tag
             (``open_clip.list_pretrained_tags_by_model(name)``), or the path of a checkpoint file (a state
             dict or an open_clip training checkpoint with a ``"state_dict"`` entry; ``.pt``, ``.bin``,
-            ``.safetensors``). Must be ``None`` with a ``local-dir:`` or ``hf-hub:`` name.
+            ``.safetensors``). Must be ``None`` with a ``local-dir:``, ``hf-hub:`` or ``hf:`` name.
         device: where the model is placed.
         precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (open_clip's mixed precision: weights in the low
             precision, layer norms in float32).
@@ -82,6 +85,14 @@ def load_clip(
         raise fail("pretrained", "None, a pretrained tag or a checkpoint path", repr(pretrained))
     cache_dir = None if cache_dir is None else str(cache_dir)
 
+    if name.startswith("hf:"):
+        if pretrained is not None:
+            raise fail(
+                "pretrained", f"None with {name!r} (the weights come from that model)", repr(pretrained)
+            )
+        from fastcal.models.hf import load_hf_clip
+
+        return load_hf_clip(name[len("hf:") :], device=device, precision=precision, cache_dir=cache_dir)
     if name.startswith(("local-dir:", "hf-hub:")):
         if pretrained is not None:
             raise fail(
@@ -148,7 +159,7 @@ def _known_models_hint(model_name: str) -> str:
     hint = "an open_clip architecture (open_clip.list_models() lists them"
     if close:
         hint += "; close matches: " + ", ".join(close)
-    return hint + "), 'local-dir:DIR' with an open_clip_config.json, or 'hf-hub:ORG/REPO'"
+    return hint + "), 'local-dir:DIR' with an open_clip_config.json, 'hf-hub:ORG/REPO', or 'hf:ID_OR_FOLDER'"
 
 
 def _resolve_pretrained(

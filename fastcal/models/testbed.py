@@ -258,12 +258,16 @@ def pretrain_testbed(recipe: PretrainRecipe | None = None, *, progress: bool = T
     from open_clip.loss import ClipLoss
     from tqdm.auto import tqdm
 
+    from fastcal.data.items import prompt_classname
+
     recipe = recipe or PretrainRecipe()
     register_testbed_config()
     images, labels, classnames = _training_images(recipe)
     num_classes = len(classnames)
     tokenizer = open_clip.get_tokenizer(TESTBED_MODEL)
-    captions = tokenizer([t.format(c) for c in classnames for t in recipe.caption_templates])
+    captions = tokenizer(
+        [t.format(prompt_classname(c)) for c in classnames for t in recipe.caption_templates]
+    )
     n_templates = len(recipe.caption_templates)
     train_transform, _ = make_testbed_transforms(recipe)
     per_class = recipe.images_per_class

@@ -18,7 +18,9 @@ Whether truncation is exact is read off the tower, never its name: the attention
 position above the diagonal (-inf, or True for a boolean mask), the feature must be read at a token
 position (pool type ``argmax``, ``eos``, ``first`` or ``last``) and no token may be appended after the
 prompt (CoCa's ``cls_emb``) or masked by padding. Other towers run at full length, with the same code
-path; towers that are not open_clip's (e.g. Hugging Face text models) go through ``model.encode_text``.
+path. A tower that is not open_clip's works when it shows the same attributes (``TOWER_ATTRIBUTES``:
+``fastcal.models.hf`` does for Hugging Face CLIP and SigLIP); any other goes through
+``model.encode_text``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,35 @@ from fastcal._checks import check_tensor, fail
 # (launch-bound passes, GEMMs that need a large M).
 _BUCKET_OVERHEAD_TOKENS = {"cpu": 2048, "cuda": 16384}
 _TRUNCATABLE_POOLS = ("argmax", "eos", "first", "last")
+# What fastcal reads from a text tower (open_clip's TextTransformer has them all).
+TOWER_ATTRIBUTES = (
+    "token_embedding",
+    "positional_embedding",
+    "transformer",
+    "attn_mask",
+    "ln_final",
+    "text_projection",
+    "pool_type",
+)
+
+
+def text_tower(model: nn.Module) -> nn.Module | None:
+    """The text tower the exact encoder runs: an open_clip ``CLIP`` or ``TextTransformer`` itself, else
+    ``model.text`` when it is open_clip's or has every attribute of ``TOWER_ATTRIBUTES``; ``None`` for a
+    model whose other text tower only ``encode_text`` runs. Anything else is a TypeError."""
+    if isinstance(model, (CLIP, TextTransformer)):
+        return model
+    text = getattr(model, "text", None)
+    if isinstance(text, TextTransformer) or (
+        isinstance(text, nn.Module) and all(hasattr(text, name) for name in TOWER_ATTRIBUTES)
+    ):
+        return text
+    if isinstance(text, nn.Module) and hasattr(model, "encode_text"):
+        return None
+    raise TypeError(
+        "model: expected an open_clip CLIP, CustomTextCLIP or TextTransformer, or a Hugging Face CLIP "
+        f"loaded with load_clip('hf:...'), got {type(model).__name__}"
+    )
 
 
 def _mask_is_causal(mask: torch.Tensor | None) -> bool:
@@ -123,17 +154,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         if not isinstance(bucket, bool):
             raise TypeError(f"bucket: expected a bool, got {type(bucket).__name__} {bucket!r}")
-        if isinstance(model, (CLIP, TextTransformer)):
-            tower = model
-        elif isinstance(getattr(model, "text", None), TextTransformer):
-            tower = model.text
-        elif isinstance(getattr(model, "text", None), nn.Module) and hasattr(model, "encode_text"):
-            tower = None
-        else:
-            raise TypeError(
-                "model: expected an open_clip CLIP, CustomTextCLIP or TextTransformer, "
-                f"got {type(model).__name__}"
-            )
+        tower = text_tower(model)
         # Plain attributes (object.__setattr__), so nn.Module does not register the model's modules.
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_tower", tower)

@@ -1,12 +1,14 @@
 """The ``native`` backend: fastcal's C++ CPU kernels (package ``fastcal_csrc``), built on first use.
 
 The sources are compiled once with ``torch.utils.cpp_extension.load`` (g++, OpenMP, the vector ISA
-torch reports for this CPU; large float32 products through oneDNN when torch was built with it) into
-torch's extension cache (``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``;
-``$FASTCAL_NATIVE_BUILD_DIR`` overrides it). The module name carries a digest of the sources, the flags
-and the torch and Python versions, so a change rebuilds and concurrent processes share one build
-(cpp_extension locks the directory). Without a compiler, or when the build fails, the backend is
-unavailable: callers fall back to the ``torch`` backend with one warning per process.
+torch reports for this CPU; large float32 products through oneDNN when torch was built with it) in
+fastcal's cache (``<cache>/native/<module name>``, ``$FASTCAL_NATIVE_BUILD_DIR`` instead of
+``<cache>/native``). The module name carries a digest of the sources, the flags and the torch and
+Python versions, so a change rebuilds and concurrent processes share one build (cpp_extension locks
+the directory); the sources are copied into that directory first, so two checkouts of the same sources
+share the build instead of rebuilding each other's (ninja rebuilds when a source path changes).
+Without a compiler, or when the build fails, the backend is unavailable: callers fall back to the
+``torch`` backend with one warning per process.
 
 What the C++ computes, and the derivation of its gradient, is written at the top of
 ``csrc/calibrated_loss.cpp``.
@@ -27,6 +29,8 @@ from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from fastcal._io import atomic_path, default_cache_dir
 
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 _SOURCE_NAMES = ("calibrated_loss.cpp", "row_exp.h")
@@ -84,13 +88,18 @@ def _build() -> ModuleType:
             digest.update(handle.read())
     digest.update(" ".join([*cflags, torch.__version__, sys.version]).encode())
     name = f"fastcal_native_{digest.hexdigest()[:12]}"
-    build_dir = os.environ.get("FASTCAL_NATIVE_BUILD_DIR")
-    if build_dir:
-        build_dir = os.path.join(build_dir, name)
-        os.makedirs(build_dir, exist_ok=True)
+    root = os.environ.get("FASTCAL_NATIVE_BUILD_DIR") or str(default_cache_dir() / "native")
+    build_dir = os.path.join(root, name)
+    copied = os.path.join(build_dir, "src")
+    os.makedirs(copied, exist_ok=True)
+    for path in sources:
+        target = os.path.join(copied, os.path.basename(path))
+        if not os.path.isfile(target):  # the name is the content's digest: an existing copy is this one
+            with atomic_path(target) as tmp:
+                shutil.copyfile(path, tmp)
     return cpp_extension.load(
         name=name,
-        sources=[sources[0]],
+        sources=[os.path.join(copied, os.path.basename(sources[0]))],
         extra_cflags=cflags,
         extra_ldflags=["-fopenmp"],
         build_directory=build_dir,

@@ -56,6 +56,7 @@ from fastcal.tpt.step import TuningConfig
 from fastcal.tpt.tpt import TPT_CTX_INIT
 
 ECE_BINS = (15, 20)
+TUNING_WEIGHTS = ("dispersion_weight", "orthogonality_weight")
 RECORDS = "records.jsonl"
 TESTBED = "testbed"
 DEFAULT_MODEL = ("ViT-B-16", "openai")
@@ -86,6 +87,9 @@ class TptConfig(Settings):
     lr: float = setting(5e-3, help="AdamW learning rate")
     dispersion_weight: float | None = setting(
         None, help="C-TPT's lambda (recipe: 50 fine-grained, 20 ImageNet variants)", flags=("--lambda",)
+    )
+    orthogonality_weight: float | None = setting(
+        None, help="O-TPT's lambda (recipe: 18 fine-grained and ImageNet, 2 its variants)"
     )
     ctx_init: str = setting(TPT_CTX_INIT, help="the phrase of the initial context and the hard prompt")
     augmix: bool | None = setting(None, help="AugMix on the views (recipe: per method and dataset)")
@@ -129,12 +133,17 @@ class TptConfig(Settings):
         check_int("seed", self.seed, minimum=0)
         check_choice("precision", self.precision, ("fp32", "fp16", "bf16"))
         check_device("device", self.device)
-        if self.dispersion_weight is not None:
-            if not method.dispersion and self.dispersion_weight != 0:
-                names = [n for n in registry.names("tpt_method") if registry.get("tpt_method", n).dispersion]
-                raise fail("dispersion_weight", f"C-TPT's lambda only with {', '.join(names)}", self.method)
-            if method.dispersion:
-                check_number("dispersion_weight", self.dispersion_weight, minimum=0.0, strict_minimum=True)
+        for weight in TUNING_WEIGHTS:
+            value = getattr(self, weight)
+            if value is None:
+                continue
+            if weight not in method.weights and value != 0:
+                takes = [
+                    n for n in registry.names("tpt_method") if weight in registry.get("tpt_method", n).weights
+                ]
+                raise fail(weight, f"a weight only for {', '.join(takes)}", f"{value} with {self.method}")
+            if weight in method.weights:
+                check_number(weight, value, minimum=0.0, strict_minimum=True)
         if self.fpp_weight is not None:
             check_number("fpp_weight", self.fpp_weight, minimum=0.0)
         if self.temperature not in (None, "fit"):
@@ -178,6 +187,7 @@ class TptConfig(Settings):
             steps=self.steps,
             lr=self.lr,
             dispersion_weight=float(self.dispersion_weight or 0.0),
+            orthogonality_weight=float(self.orthogonality_weight or 0.0),
         )
 
     def fpp(self) -> FPPConfig:
@@ -408,6 +418,7 @@ def _run(
         clip,
         task.classnames,
         task.templates,
+        prompt_templates=registry.get("tpt_init", config.init).templates(task.templates, config.ctx_init),
         tuning=config.tuning(),
         ctx_init=config.ctx_init,
         init_ctx=_initial_context(clip, task, config, output) if spec.tunes else None,

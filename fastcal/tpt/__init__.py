@@ -12,12 +12,13 @@ from fastcal.tpt.augment import ViewAugmenter, sample_generator
 from fastcal.tpt.ctpt import ctpt_config, default_lambda
 from fastcal.tpt.fpp import FPPConfig, flatness_weight, fpp_losses, pretrain_context
 from fastcal.tpt.step import TestTimeStep, TuningConfig
-from fastcal.tpt.tpt import TPT
+from fastcal.tpt.tpt import TPT, TuneResult
 
 __all__ = [
     "TPT",
     "FPPConfig",
     "TestTimeStep",
+    "TuneResult",
     "TuningConfig",
     "ViewAugmenter",
     "ctpt_config",

@@ -2,10 +2,11 @@
 ``"tpt_method"`` and ``"tpt_init"``).
 
 A method builds a predictor, ``predictor(images, generators) -> logits (S, C)`` of each image's centre
-view: TPT and C-TPT tune the context on every sample first (``fastcal.tpt.tpt.TPT``), the zero-shot
+view: TPT, C-TPT and O-TPT tune the context on every sample first (``fastcal.tpt.tpt.TPT``), the zero-shot
 baselines score the centre view with fixed class features (``ZeroShotViews``). An initialization gives
-the context tuning starts from, and resets to: the phrase's embedding (``hard``) or FPP's data-free
-pretrained context (``fpp``, ``fastcal.tpt.fpp``). Each carries its published settings for a dataset
+the prompts tuning starts from, and resets to: the hard prompt's words (``hard``), FPP's data-free
+pretrained context (``fpp``, ``fastcal.tpt.fpp``), or one context per template of the dataset, tuned as
+an ensemble (``ensemble``, ``fastcal.tpt.ensemble``). Each carries its published settings for a dataset
 (``recipe(dataset) -> {setting: value}``; ``None`` is the embedded testbed), which a run takes for the
 settings it leaves unset: the method's first, then the initialization's.
 """
@@ -37,10 +38,11 @@ class TptMethodSpec:
         name: the ``--method`` name.
         title: how tables name it.
         tunes: whether it tunes a context per sample (the baselines do not).
-        build: ``build(clip, classnames, templates, *, tuning, ctx_init, init_ctx, augmix, flip,
-            samples_per_step, use_graph, device) -> predictor``.
+        build: ``build(clip, classnames, dataset_templates, *, prompt_templates, tuning, ctx_init,
+            init_ctx, augmix, flip, samples_per_step, use_graph, device) -> predictor``.
         recipe: ``recipe(dataset) -> settings`` (module docstring).
-        dispersion: whether it takes C-TPT's lambda (``--lambda``).
+        weights: the tuning weights it takes, by setting name (C-TPT's ``dispersion_weight``, O-TPT's
+            ``orthogonality_weight``); the others stay 0.
         source: where the recipe comes from.
     """
 
@@ -49,7 +51,7 @@ class TptMethodSpec:
     tunes: bool
     build: Callable[..., Predictor]
     recipe: Callable[[str | None], Mapping[str, Any]]
-    dispersion: bool
+    weights: tuple[str, ...]
     source: str
 
 
@@ -60,14 +62,17 @@ class TptInitSpec:
     Attributes:
         name: the ``--init`` name.
         title: how tables name it (prefixed to the method's).
+        templates: ``templates(dataset_templates, ctx_init) -> prompt templates`` the tuned prompts are
+            made of (one: a single context; several: an ensemble).
         context: ``context(clip, classnames, *, ctx_init, fpp, progress) -> (n_ctx, W)`` tensor, or
-            ``None`` for the phrase's embedding; deterministic, so runs may cache it.
+            ``None`` for the templates' own words; deterministic, so runs may cache it.
         recipe: ``recipe(dataset) -> settings``.
         source: where the recipe comes from.
     """
 
     name: str
     title: str
+    templates: Callable[[Sequence[str], str], list[str]]
     context: Callable[..., torch.Tensor] | None
     recipe: Callable[[str | None], Mapping[str, Any]]
     source: str
@@ -106,8 +111,9 @@ def hard_prompt(ctx_init: str) -> str:
 def _build_tpt(
     clip: LoadedClip,
     classnames: Sequence[str],
-    templates: Sequence[str],
+    dataset_templates: Sequence[str],
     *,
+    prompt_templates: Sequence[str],
     tuning: TuningConfig,
     ctx_init: str,
     init_ctx: torch.Tensor | None,
@@ -122,7 +128,7 @@ def _build_tpt(
         clip.tokenizer,
         classnames,
         config=tuning,
-        ctx_init=ctx_init,
+        templates=prompt_templates,
         init_ctx=init_ctx,
         augmix=augmix,
         flip=flip,
@@ -131,12 +137,12 @@ def _build_tpt(
     )
 
 
-def _build_hard_prompt(clip: LoadedClip, classnames, templates, *, ctx_init: str, device, **_: Any):
+def _build_hard_prompt(clip: LoadedClip, classnames, dataset_templates, *, ctx_init: str, device, **_: Any):
     return ZeroShotViews(clip, classnames, [hard_prompt(ctx_init)], device)
 
 
-def _build_ensemble(clip: LoadedClip, classnames, templates, *, device, **_: Any):
-    return ZeroShotViews(clip, classnames, templates, device)
+def _build_ensemble(clip: LoadedClip, classnames, dataset_templates, *, device, **_: Any):
+    return ZeroShotViews(clip, classnames, dataset_templates, device)
 
 
 TPT_SOURCE = "azshue/TPT tpt_classification.py (AugMix on the fine-grained sets, data/datautils.py)"
@@ -145,8 +151,8 @@ TPT_METHOD = TptMethodSpec(
     title="TPT",
     tunes=True,
     build=_build_tpt,
-    recipe=lambda dataset: {"augmix": dataset not in IMAGENET_FAMILY, "dispersion_weight": 0.0},
-    dispersion=False,
+    recipe=lambda dataset: {"augmix": dataset not in IMAGENET_FAMILY},
+    weights=(),
     source=TPT_SOURCE,
 )
 CTPT_METHOD = TptMethodSpec(
@@ -155,7 +161,7 @@ CTPT_METHOD = TptMethodSpec(
     tunes=True,
     build=_build_tpt,
     recipe=lambda dataset: {"augmix": True, "dispersion_weight": default_lambda(dataset)},
-    dispersion=True,
+    weights=("dispersion_weight",),
     source="hee-suk-yoon/C-TPT scripts (lambda 50 fine-grained, 20 with --I_augmix on the ImageNet variants)",
 )
 ZEROSHOT_METHOD = TptMethodSpec(
@@ -163,8 +169,8 @@ ZEROSHOT_METHOD = TptMethodSpec(
     title="zero-shot (hard prompt)",
     tunes=False,
     build=_build_hard_prompt,
-    recipe=lambda dataset: {"dispersion_weight": 0.0},
-    dispersion=False,
+    recipe=lambda dataset: {},
+    weights=(),
     source=TPT_SOURCE,
 )
 ENSEMBLE_METHOD = TptMethodSpec(
@@ -172,9 +178,23 @@ ENSEMBLE_METHOD = TptMethodSpec(
     title="zero-shot (prompt ensemble)",
     tunes=False,
     build=_build_ensemble,
-    recipe=lambda dataset: {"dispersion_weight": 0.0},
-    dispersion=False,
+    recipe=lambda dataset: {},
+    weights=(),
     source="the dataset's templates (CLIP's 80 for the ImageNet family)",
+)
+OTPT_METHOD = TptMethodSpec(
+    name="otpt",
+    title="O-TPT",
+    tunes=True,
+    build=_build_tpt,
+    # lambda 18 on the fine-grained sets and ImageNet (AugMix off there), 2 on its variants with AugMix
+    recipe=lambda dataset: {
+        "augmix": dataset != "imagenet",
+        "orthogonality_weight": 2.0 if dataset in IMAGENET_FAMILY and dataset != "imagenet" else 18.0,
+    },
+    weights=("orthogonality_weight",),
+    source="ashshaksharifdeen/O-TPT scripts/test_tpt_otpt_fg.sh (lambda 18) and test_tpt_otpt_ds.sh "
+    "(lambda 2, --I_augmix); otpt_classification.py",
 )
 
 
@@ -190,10 +210,22 @@ def _fpp_context(
     return pretrain_context(learner, fpp, progress=progress)
 
 
-HARD_INIT = TptInitSpec(name="hard", title="", context=None, recipe=lambda dataset: {}, source=TPT_SOURCE)
+def _hard_template(dataset_templates: Sequence[str], ctx_init: str) -> list[str]:
+    return [hard_prompt(ctx_init)]
+
+
+HARD_INIT = TptInitSpec(
+    name="hard",
+    title="",
+    templates=_hard_template,
+    context=None,
+    recipe=lambda dataset: {},
+    source=TPT_SOURCE,
+)
 FPP_INIT = TptInitSpec(
     name="fpp",
     title="FPP",
+    templates=_hard_template,
     context=_fpp_context,
     # 1 + 15/C is for the fine-grained sets (C >= 10: w <= 2.5); the distribution-shift script and the
     # 5-class testbed (where the formula would give 4) take 1.25
@@ -202,4 +234,12 @@ FPP_INIT = TptInitSpec(
         "fpp_weight": FPP_SHIFT_WEIGHT if dataset is None or dataset in IMAGENET_FAMILY else None,
     },
     source="YonseiML/fpp fpp_classification.py, scripts FPP_DS.sh (w 1.25) and FPP_FG.sh (w 1 + 15/C)",
+)
+ENSEMBLE_INIT = TptInitSpec(
+    name="ensemble",
+    title="Ensemble",
+    templates=lambda dataset_templates, ctx_init: list(dataset_templates),
+    context=None,
+    recipe=lambda dataset: {},
+    source="hee-suk-yoon/C-TPT tables (TPT and C-TPT from the Ensemble initialization); fastcal.tpt.ensemble",
 )

@@ -10,8 +10,9 @@ does one sample at a time:
    the ``V`` views ``z_svc = exp(logit_scale) <f_sv, t_sc>`` with the views' normalized image features
    ``f_sv`` (computed once, outside, without gradients); at the first step the ``k = int(V * selection)``
    views of lowest entropy (``topk``, fixed ``k``) are selected and kept; loss
-   ``L = sum_s [H(mean_{v in sel} softmax(z_sv)) - lambda * ATFD(t_s)]`` (``fastcal.losses``: the marginal
-   entropy through log-sum-exp, C-TPT's dispersion when ``lambda > 0``), backward, one AdamW step;
+   ``L = sum_s [H(mean_{v in sel} softmax(z_sv)) - lambda * ATFD(t_s) + mu * P(t_s)]``
+   (``fastcal.losses``: the marginal entropy through log-sum-exp, C-TPT's dispersion when ``lambda > 0``,
+   O-TPT's orthogonality penalty when ``mu > 0``), backward, one AdamW step;
 3. predict: logits of view 0 with the tuned contexts (fresh text features, no gradient).
 
 The loss is a sum over samples whose terms each depend on one context only, so every context gets its
@@ -36,8 +37,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcal._checks import check_int, check_number, check_tensor, fail
-from fastcal.losses.functional import marginal_entropy, text_dispersion, value_checks
+from fastcal.losses.functional import (
+    marginal_entropy,
+    orthogonality_penalty,
+    text_dispersion,
+    value_checks,
+)
 from fastcal.methods.prompt_learner import PromptLearner
+from fastcal.tpt.ensemble import PromptEnsemble
 
 _WARMUP_RUNS = 3
 
@@ -54,6 +61,7 @@ class TuningConfig:
         weight_decay: AdamW weight decay (torch's default, which the reference leaves in place).
         betas, eps: AdamW's.
         dispersion_weight: C-TPT's lambda (0: plain TPT).
+        orthogonality_weight: O-TPT's lambda (0: none).
     """
 
     n_views: int = 64
@@ -64,6 +72,7 @@ class TuningConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     dispersion_weight: float = 0.0
+    orthogonality_weight: float = 0.0
 
     def __post_init__(self) -> None:
         check_int("n_views", self.n_views, minimum=1)
@@ -73,6 +82,7 @@ class TuningConfig:
         check_number("weight_decay", self.weight_decay, minimum=0.0)
         check_number("eps", self.eps, minimum=0.0, strict_minimum=True)
         check_number("dispersion_weight", self.dispersion_weight, minimum=0.0)
+        check_number("orthogonality_weight", self.orthogonality_weight, minimum=0.0)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise fail("betas", "two numbers in [0, 1)", repr(self.betas))
         if self.n_selected < 1:
@@ -89,7 +99,7 @@ class TestTimeStep:
 
     Args:
         learner: the prompt learner (its class set and frozen token embeddings; its own ``ctx`` is not
-            used).
+            used), or a ``PromptEnsemble`` (one context per template, concatenated).
         init_ctx: the context every sample starts from and is reset to, ``(n_ctx, W)`` (TPT: the
             embedding of "a photo of a"; FPP: the pretrained context).
         logit_scale: CLIP's learned log-scale (``model.logit_scale``); its exponential scales the logits.
@@ -116,8 +126,10 @@ class TestTimeStep:
         use_graph: bool | None = None,
         encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
-        if not isinstance(learner, PromptLearner):
-            raise TypeError(f"learner: expected a PromptLearner, got {type(learner).__name__}")
+        if not isinstance(learner, (PromptLearner, PromptEnsemble)):
+            raise TypeError(
+                f"learner: expected a PromptLearner or PromptEnsemble, got {type(learner).__name__}"
+            )
         if learner.class_specific:
             raise fail("learner", "a unified (shared) context", "a class-specific learner")
         self.config = config or TuningConfig()
@@ -128,7 +140,7 @@ class TestTimeStep:
             raise fail("init_ctx", f"shape ({learner.n_ctx}, {learner.ctx_dim})", tuple(init_ctx.shape))
         self.learner = learner
         self.encoder = encoder if encoder is not None else learner
-        device = learner.token_prefix.device
+        device = learner.ctx.device
         self.device = device
         if use_graph is None:
             use_graph = device.type == "cuda"
@@ -189,6 +201,8 @@ class TestTimeStep:
         loss = marginal_entropy(chosen, reduction="none")  # (S,)
         if self.config.dispersion_weight > 0:
             loss = loss - self.config.dispersion_weight * text_dispersion(text, reduction="none")
+        if self.config.orthogonality_weight > 0:
+            loss = loss + self.config.orthogonality_weight * orthogonality_penalty(text, reduction="none")
         return loss
 
     def run(self) -> None:

@@ -108,7 +108,7 @@ CASES = [
     ("tpt", ["--output", O, "--limit", "0"], "--limit: expected an integer >= 1"),
     ("tpt", ["--output", O, "--model", "nosuch"], "--model: expected an open_clip architecture"),
     ("tpt", ["--output", O, "--views", "5"], "selection"),
-    ("tpt", ["--output", O, "--lambda", "5"], "--lambda: expected C-TPT's lambda only with ctpt"),
+    ("tpt", ["--output", O, "--lambda", "5"], "--lambda: expected a weight only for ctpt, got 5.0 with tpt"),
     ("tpt", ["--output", O, "--root", "{dir}"], "--root: expected none without --dataset"),
     # finetune
     ("finetune", ["--method", "ft", "--output", "{file}"], "--output: expected a folder, got the file"),

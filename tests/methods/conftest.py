@@ -1,5 +1,5 @@
-"""A tiny random-init open_clip CLIP (3-layer ViT and text towers, CLIP's BPE with 77 positions) and a
-reference text forward written from open_clip's modules, independent of fastcal's TextEncoder."""
+"""A tiny random-init open_clip CLIP (3-layer ViT and text towers, CLIP's BPE with 77 positions) and
+full-length reference prompts (the reference text forward is the root conftest's ``reference_text``)."""
 
 import copy
 
@@ -32,29 +32,6 @@ def fresh_clip():
         torch.manual_seed(12)
         model = open_clip.CLIP(**TINY_CFG).eval()
     return LoadedClip(model, open_clip.get_tokenizer("ViT-B-32"), None, None)
-
-
-def _reference_text(model, embeddings, token_ids, deep_prompts=None, injected=None):
-    """CLIP's text forward at full length, layer by layer (MaPLe's deep prompts replace positions 1..n
-    before layers 1..len(deep_prompts); TCP's ``injected = (k, tokens (N, n, W))`` replaces them, per
-    row, before layer k)."""
-    x = embeddings + model.positional_embedding
-    n = 0 if not deep_prompts else deep_prompts[0].shape[0]
-    for k, block in enumerate(model.transformer.resblocks):
-        if deep_prompts and 1 <= k <= len(deep_prompts):
-            prompt = deep_prompts[k - 1].unsqueeze(0).expand(x.shape[0], -1, -1)
-            x = torch.cat([x[:, :1], prompt, x[:, 1 + n :]], dim=1)
-        if injected is not None and k == injected[0]:
-            tokens = injected[1]
-            x = torch.cat([x[:, :1], tokens, x[:, 1 + tokens.shape[1] :]], dim=1)
-        x = block(x, attn_mask=model.attn_mask)
-    x = model.ln_final(x)
-    return x[torch.arange(x.shape[0]), token_ids.argmax(dim=-1)] @ model.text_projection
-
-
-@pytest.fixture(scope="session")
-def reference_text():
-    return _reference_text
 
 
 def _reference_prompts(model, tokenizer, classnames, ctx):

@@ -42,7 +42,7 @@ def test_coop_with_phrase_context_is_zero_shot(tiny_clip):
     image_features = torch.randn(6, 32)
     with torch.no_grad():
         text = tiny_clip.model.encode_text(tiny_clip.tokenizer([f"a photo of a {c}." for c in CLASSNAMES]))
-        out = method(image_features)
+        out = method.output(image_features)
     expected = scaled_cosine(tiny_clip.model, image_features, text)
     torch.testing.assert_close(out.logits.double(), expected, atol=1e-4, rtol=1e-5)
     assert out.text_features.shape == (5, 32) and out.image_features.norm(dim=-1).sub(1).abs().max() < 1e-5
@@ -57,7 +57,7 @@ def test_coop_encodes_the_shared_prefix_once_with_the_whole_prompts_features(tin
     with torch.no_grad():
         ctx.add_(0.3 * torch.randn(ctx.shape, generator=generator))
     weights = torch.randn(len(CLASSNAMES), 32, generator=generator)
-    packed, whole = method.text_features(), method.prompt_learner()
+    packed, whole = method.class_features(), method.prompt_learner()
     torch.testing.assert_close(packed, whole, atol=1e-5, rtol=1e-5)
     (grad_packed,) = torch.autograd.grad((packed * weights).sum(), ctx)
     (grad_whole,) = torch.autograd.grad((whole * weights).sum(), ctx)
@@ -65,7 +65,7 @@ def test_coop_encodes_the_shared_prefix_once_with_the_whole_prompts_features(tin
     # a new class set gets its own packing
     method.set_classnames(["zebra", "a very long and unusual class name", "cup"])
     with torch.no_grad():
-        torch.testing.assert_close(method.text_features(), method.prompt_learner(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(method.class_features(), method.prompt_learner(), atol=1e-5, rtol=1e-5)
     # layouts without a shared prefix, and CoCoOp's per-image contexts, encode whole prompts
     assert CoOp(tiny_clip.model, tiny_clip.tokenizer, CLASSNAMES, class_token_position="front").packed is None
     assert CoOp(tiny_clip.model, tiny_clip.tokenizer, CLASSNAMES, class_specific=True).packed is None
@@ -80,7 +80,7 @@ def test_cocoop_matches_the_per_image_reference_loop(tiny_clip, reference_text, 
         method.meta_net.linear2.weight.normal_(0, 0.5)  # a visible shift
     image_features = torch.randn(3, 32)
     with torch.no_grad():
-        out = method(image_features)
+        out = method.output(image_features)
         rows = []
         for f in image_features:
             shift = method.meta_net(f / f.norm())
@@ -126,7 +126,7 @@ def test_maple_matches_reference_composition(tiny_clip, reference_text, depth):
     images = torch.randn(4, 3, 32, 32)
     ids = tiny_clip.tokenizer([f"a photo of a {c}." for c in CLASSNAMES])
     with torch.no_grad():
-        out = method(images)
+        out = method.output(images)
         embeddings = tiny_clip.model.token_embedding(ids)
         embeddings[:, 1:3] = learner.ctx
         text = reference_text(tiny_clip.model, embeddings, ids, list(method.compound_prompts_text))
@@ -152,7 +152,7 @@ def test_vpt_matches_reference_composition(tiny_clip):
     method = VPT(tiny_clip.model, tiny_clip.tokenizer, CLASSNAMES, n_ctx_vision=3, vision_depth=3)
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        out = method(images)
+        out = method.output(images)
         text = tiny_clip.model.encode_text(tiny_clip.tokenizer([f"a photo of a {c}." for c in CLASSNAMES]))
         image = prompted_reference(tiny_clip.model, images, list(method.visual_prompts.prompts))
     torch.testing.assert_close(
@@ -160,7 +160,7 @@ def test_vpt_matches_reference_composition(tiny_clip):
     )
     method.set_classnames(["violin", "dog"])
     with torch.no_grad():
-        assert method(images).logits.shape == (4, 2)
+        assert method.output(images).logits.shape == (4, 2)
 
 
 def test_clip_logits_per_image_classifiers():
@@ -233,7 +233,7 @@ def test_a_step_moves_only_the_tuned_parameters(fresh_clip, name):
     inputs = torch.randn(3, 3, 32, 32) if method.input_kind == "images" else torch.randn(3, 32)
     method.train()
     assert not fresh_clip.model.training
-    out = method(inputs)
+    out = method.output(inputs)
     F.cross_entropy(out.logits, torch.tensor([0, 3, 4])).backward()
     optimizer.step()
     for n, p in method.tuned_parameters():
@@ -249,7 +249,9 @@ def test_a_step_moves_only_the_tuned_parameters(fresh_clip, name):
     method.eval()
     other.eval()  # ProDA scores with all its prompts in evaluation, a subset in training
     with torch.no_grad():
-        torch.testing.assert_close(other(inputs).logits, method(inputs).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            other.output(inputs).logits, method.output(inputs).logits, atol=1e-5, rtol=0
+        )
     with pytest.raises(ValueError, match="state"):
         other.load_tuned_state_dict({})
 
@@ -278,5 +280,5 @@ def test_maple_terms_go_through_the_deep_prompts(tiny_clip):
             p.normal_(0, 0.3)
         deep = list(method.compound_prompts_text)
         terms = method.prompt_learner.encode_terms(CLASSNAMES, deep_prompts=deep)
-        torch.testing.assert_close(terms, method.text_features(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(terms, method.class_features(), atol=1e-6, rtol=0)
         assert not torch.allclose(method.prompt_learner.encode_terms(CLASSNAMES), terms, atol=1e-4)

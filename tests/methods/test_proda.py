@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from fastcal.methods.base import get_method
 from fastcal.methods.objectives import CrossEntropy, StepBatch, build_loss
-from fastcal.methods.proda import ProDA, GaussianBound, gaussian_variance, prompt_positions
+from fastcal.methods.proda import GaussianBound, ProDA, gaussian_variance, prompt_positions
 
 CLASSNAMES = ["dog", "great white shark", "axolotl", "teapot", "stone bridge"]
 N_CTX, N_PROMPTS = 4, 8

@@ -342,7 +342,7 @@ def test_training_with_the_dor_regularizer(tiny_clip, tmp_path):
         expected = dor(SimpleNamespace(method=method, output=SimpleNamespace(image_features=None)))
     assert gap == pytest.approx(float(expected), rel=0.05)
     checkpoint = torch.load(tmp_path / "dor" / "checkpoint.pt", weights_only=False)
-    assert checkpoint["regularizers"]["dor"] == {"epoch": 0}
+    assert checkpoint["step"]["regularizers"]["dor"] == {"epoch": 0}
 
 
 def test_train_command_takes_regularizer_dor():
@@ -413,4 +413,4 @@ def test_dor_trains_with_the_other_methods(tiny_clip, tmp_path, method, loss):
     history = results["train"]["history"]
     assert len(history) == 1 and math.isfinite(history[0]["loss"])
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
-    assert checkpoint["regularizers"]["dor"] == {"epoch": 0}
+    assert checkpoint["step"]["regularizers"]["dor"] == {"epoch": 0}

@@ -1,14 +1,14 @@
 """``fastcal demo`` stage: test-time tuning on the testbed's new classes (digits five..nine).
 
-TPT, C-TPT and FPP + C-TPT run through the same runner as ``fastcal tpt`` (``fastcal.runs.tpt``: records,
-results, predictions and reliability diagrams under ``<demo output>/tpt/<method>``), next to the zero-shot
-hard prompt on the same samples. To fit the demo's time budget on a 2-core CPU the stage uses
-``DEMO_SAMPLES`` test images (a seeded random subset), ``DEMO_VIEWS`` views per image (the 10% most
-confident: 3) and ``DEMO_FPP_STEPS`` FPP steps instead of 1,000, with the flatness weight 1.25 (the
-testbed's recipe: 1 + 15/C would be 4 for the 5 new classes, outside the formula's range on the paper's
-datasets, C >= 10, w <= 2.5, and enough to pull the context off the classes); everything else is the
-reference's setting (AugMix on, lambda 50, lr 5e-3, one step). Flips are off: a mirrored digit is another
-glyph.
+TPT, C-TPT, O-TPT, FPP + C-TPT and C-TPT from the testbed's 5-template ensemble run through the same
+runner as ``fastcal tpt`` (``fastcal.runs.tpt``: records, results, predictions and reliability diagrams
+under ``<demo output>/tpt/<method>``), next to the zero-shot hard prompt and prompt ensemble on the same
+samples. To fit the demo's time budget on a 2-core CPU the stage uses ``DEMO_SAMPLES`` test images (a
+seeded random subset), ``DEMO_VIEWS`` views per image (the 10% most confident: 3) and ``DEMO_FPP_STEPS``
+FPP steps instead of 1,000, with the flatness weight 1.25 (the testbed's recipe: 1 + 15/C would be 4 for
+the 5 new classes, outside the formula's range on the paper's datasets, C >= 10, w <= 2.5, and enough to
+pull the context off the classes); everything else is the reference's setting (AugMix on, C-TPT's lambda
+50, O-TPT's 18, lr 5e-3, one step). Flips are off: a mirrored digit is another glyph.
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ def demo_runs() -> list[tuple[str, str, dict]]:
         ("zero-shot (hard prompt, same samples)", "zeroshot", {**common, "method": "zeroshot"}),
         ("TPT", "tpt", {**common, "method": "tpt"}),
         ("C-TPT", "ctpt", {**common, "method": "ctpt"}),
+        ("O-TPT", "otpt", {**common, "method": "otpt"}),
         ("FPP + C-TPT", "fpp-ctpt", {**common, "method": "ctpt", "init": "fpp", "fpp_steps": DEMO_FPP_STEPS}),
+        ("zero-shot (5-prompt ensemble, same samples)", "ensemble", {**common, "method": "ensemble"}),
+        ("C-TPT (ensemble init)", "ensemble-ctpt", {**common, "method": "ctpt", "init": "ensemble"}),
     ]
 
 

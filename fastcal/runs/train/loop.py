@@ -10,9 +10,8 @@ parameters only, and a learning rate per epoch ``e`` of::
 
 (``ConstantWarmupScheduler`` over ``CosineAnnealingLR(T_max=epochs)`` with the warm-up recounted),
 stepped once per epoch. On CUDA with ``amp`` the forward runs under fp16 autocast with a gradient
-scaler. A step is: the method's forward, the objective (loss + regularizers,
-``fastcal.methods.objectives``), the gradient (back-propagation, or the method's gradient rule: ProGrad),
-the optimizer step; each epoch ends with the method's epoch-end hooks (PromptSRC's prompt aggregation).
+scaler. Each step is the method's ``fastcal.methods.training.TrainingStep`` (the objective, the method's
+gradient rule: ProGrad's), and each epoch ends with its epoch-end hooks (PromptSRC's aggregation).
 
 Frozen image encoders (CoOp, CoCoOp, KgCoOp) never run in the loop: each epoch reads that epoch's
 cached augmented features (``fastcal.models.cache.image_features``); prompted ones (VPT, MaPLe) encode
@@ -42,20 +41,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from fastcal import registry
 from fastcal._checks import check_device, fail
 from fastcal._io import atomic_path, load_torch_file, write_json_atomic
 from fastcal.data.items import DatasetSplits, ImageListDataset
-from fastcal.losses import value_checks
-from fastcal.methods.base import MethodSpec, PromptMethod, get_method
-from fastcal.methods.objectives import (
-    RegularizerSetup,
-    StepBatch,
-    TrainingHook,
-    build_hooks,
-    build_loss,
-    build_regularizers,
-    gradient_hook,
-)
+from fastcal.methods.base import MethodSpec, PromptMethod, build_method, get_method
+from fastcal.methods.objectives import RegularizerSetup, build_regularizers
+from fastcal.methods.training import TrainingStep
 from fastcal.models.cache import SeededViews
 from fastcal.models.clip import LoadedClip
 from fastcal.runs.folder import RunFolder
@@ -112,12 +104,6 @@ def frozen_class_features(
     )
 
 
-def build_method(
-    spec: MethodSpec, clip: LoadedClip, classnames: list[str], options: dict[str, Any]
-) -> PromptMethod:
-    return spec.build(clip.model, clip.tokenizer, classnames, **options)
-
-
 def method_options(spec: MethodSpec, config: TrainConfig) -> dict[str, Any]:
     values = config.to_dict()
     return {key: values[key] for key in spec.options}
@@ -153,7 +139,8 @@ def _seed_everything(seed: int) -> None:
 
 @dataclass
 class Run:
-    """Everything a training run holds while it trains."""
+    """Everything a training run holds while it trains; ``step`` is the method's ``TrainingStep`` (its
+    loss, regularizers, optimizer and gradient scaler)."""
 
     config: TrainConfig
     spec: MethodSpec
@@ -162,14 +149,8 @@ class Run:
     method: PromptMethod
     device: torch.device
     model_key: str
-    frozen: torch.Tensor
-    loss: Any
-    regularizers: list[Any]
-    hooks: list[TrainingHook]
-    optimizer: torch.optim.Optimizer
+    step: TrainingStep
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
-    amp: bool
     train_transform: Any
 
 
@@ -189,7 +170,9 @@ def prepare(
 
     _seed_everything(config.seed)
     model_key = model_fingerprint(clip.model)  # the frozen CLIP's weights, hashed once for every cache
-    method = build_method(spec, clip, data.train_classnames, method_options(spec, config)).to(device)
+    method = build_method(
+        spec.name, clip.model, clip.tokenizer, data.train_classnames, **method_options(spec, config)
+    ).to(device)
     frozen = frozen_class_features(
         clip, data.train_classnames, data.templates, config, model_key=model_key
     ).to(device)
@@ -215,7 +198,6 @@ def prepare(
         )
 
     regularizers = build_regularizers([*spec.regularizers, *config.regularizers], setup)
-    hooks = build_hooks(spec.hooks, setup)
     optimizer = build_optimizer([p for _, p in method.tuned_parameters()], config)
 
     def factor(epoch: int) -> float:
@@ -228,8 +210,21 @@ def prepare(
         )
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    amp = bool(config.amp and device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    settings = config.to_dict()
+    step = TrainingStep(
+        method,
+        config.loss,
+        optimizer,
+        loss_options={key: settings[key] for key in registry.get("loss", config.loss).options},
+        regularizers=regularizers,
+        templates=data.templates,
+        frozen_text_features=frozen,
+        settings=settings,
+        seed=config.seed,
+        cache_dir=config.cache_dir,
+        amp=config.amp,
+        progress=config.progress,
+    )
     return Run(
         config=config,
         spec=spec,
@@ -238,14 +233,8 @@ def prepare(
         method=method,
         device=device,
         model_key=model_key,
-        frozen=frozen,
-        loss=build_loss(config.loss, config.to_dict()),
-        regularizers=regularizers,
-        hooks=hooks,
-        optimizer=optimizer,
+        step=step,
         scheduler=scheduler,
-        scaler=scaler,
-        amp=amp,
         train_transform=train_transform_for(config, clip),
     )
 
@@ -309,35 +298,22 @@ def _batches(run: Run, epoch: int, inputs: Any, labels: torch.Tensor | None):
 
 def train_epoch(run: Run, epoch: int) -> dict[str, float]:
     """One pass over the training set; returns the epoch's mean loss, accuracy and learning rate."""
-    for regularizer in run.regularizers:
-        regularizer.on_epoch_start(epoch)
+    step = run.step
+    step.start_epoch(epoch)
     inputs, labels = _epoch_inputs(run, epoch)
-    run.method.train()
+    take_step = step.from_features if run.method.input_kind == "features" else step
     loss_sum = torch.zeros((), device=run.device)
     correct = torch.zeros((), dtype=torch.long, device=run.device)
     seen = 0
-    lr = run.optimizer.param_groups[0]["lr"]
-    params = [p for _, p in run.method.tuned_parameters()]
-    backward = gradient_hook(run.hooks).backward
+    lr = step.optimizer.param_groups[0]["lr"]
     for batch_inputs, batch_labels in _batches(run, epoch, inputs, labels):
-        # no host sync per step: the epoch's mean loss is checked once, below
-        with value_checks(False), torch.autocast(run.device.type, dtype=torch.float16, enabled=run.amp):
-            output = run.method(batch_inputs)
-            batch = StepBatch(output, batch_labels, run.method, run.frozen, epoch, batch_inputs)
-            loss = run.loss(batch)
-            for regularizer in run.regularizers:
-                loss = loss + regularizer(batch)
-        run.optimizer.zero_grad(set_to_none=True)
-        backward(loss, batch, params, run.scaler)
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
+        result = take_step(batch_inputs, batch_labels)  # no host sync: the mean loss is checked below
         n = batch_labels.shape[0]
-        loss_sum += loss.detach().float() * n
-        correct += (output.logits.detach().argmax(dim=1) == batch_labels).sum()
+        loss_sum += result.loss.float() * n
+        correct += (result.logits.argmax(dim=1) == batch_labels).sum()
         seen += n
     run.scheduler.step()
-    for hook in run.hooks:
-        hook.on_epoch_end(epoch)
+    step.end_epoch()
     mean_loss = float(loss_sum) / max(seen, 1)
     if not math.isfinite(mean_loss):
         raise FloatingPointError(
@@ -405,7 +381,7 @@ def predict(
         labels = None
     logits, seen_labels, text_features = [], [], None
     for inputs, batch_labels in batches:
-        output = method(inputs.to(device))
+        output = method.output(inputs.to(device))
         logits.append(output.logits.float().cpu())
         if batch_labels is not None:
             seen_labels.append(torch.as_tensor(batch_labels))
@@ -513,12 +489,8 @@ def save_checkpoint(run: Run, path: Path, epochs_done: int, history: list[dict[s
         {
             "epochs_done": epochs_done,
             "tuned": run.method.tuned_state_dict(),
-            "optimizer": run.optimizer.state_dict(),
+            "step": run.step.state_dict(),
             "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict(),
-            "regularizers": {r.name: r.state_dict() for r in run.regularizers},
-            "hooks": {h.name: h.state_dict() for h in run.hooks},
-            "method_state": run.method.training_state(),
             "rng": _rng_state(),
             "history": history,
             "config": run.config.to_dict(),
@@ -541,14 +513,8 @@ def load_checkpoint(run: Run, path: Path) -> tuple[int, list[dict[str, Any]]]:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in differing)
         raise fail("resume", f"the config of the checkpoint {path}", f"a different config ({detail})")
     run.method.load_tuned_state_dict(state["tuned"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    run.step.load_state_dict(state["step"])
     run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
-    for regularizer in run.regularizers:
-        regularizer.load_state_dict(state["regularizers"].get(regularizer.name, {}))
-    for hook in run.hooks:
-        hook.load_state_dict(state.get("hooks", {}).get(hook.name, {}))
-    run.method.load_training_state(state.get("method_state", {}))
     _set_rng_state(state["rng"])
     return int(state["epochs_done"]), list(state["history"])
 
@@ -597,8 +563,9 @@ def _read_prompt_file(path: str | Path, what: str = "prompt") -> dict[str, Any]:
 def load_prompt(path: str | Path, clip: LoadedClip, *, device: str | torch.device = "cpu") -> PromptMethod:
     """Rebuild the method saved by a training run (``prompt.pt``) on ``clip``'s model."""
     state = _read_prompt_file(path)
-    spec = get_method(state["method"])
-    method = build_method(spec, clip, list(state["classnames"]), dict(state["options"]))
+    method = build_method(
+        state["method"], clip.model, clip.tokenizer, list(state["classnames"]), **state["options"]
+    )
     method.load_tuned_state_dict(state["tuned"])
     return method.to(device)
 

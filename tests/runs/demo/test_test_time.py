@@ -18,9 +18,12 @@ def test_demo_stage_rows(random_testbed, synthetic_splits, tmp_path, monkeypatch
         "zero-shot (hard prompt, same samples)",
         "TPT",
         "C-TPT",
+        "O-TPT",
         "FPP + C-TPT",
+        "zero-shot (5-prompt ensemble, same samples)",
+        "C-TPT (ensemble init)",
     ]
     assert all(r["section"] == demo.SECTION and r["metrics"]["new"]["count"] == 3 for r in rows)
-    assert rows[-1]["notes"]["fpp_steps"] == 2
-    assert len(ctx.figures) == 8 and all((tmp_path / name).exists() for name in ctx.figures)
+    assert rows[4]["notes"]["fpp_steps"] == 2
+    assert len(ctx.figures) == 14 and all((tmp_path / name).exists() for name in ctx.figures)
     assert "FPP + C-TPT" in format_table(rows)
