@@ -87,7 +87,7 @@ def test_one_step_matches_the_reference(double_clip, reference_text, run_setup):
     method.next_prompts = lambda: torch.tensor(SUBSET)
     optimizer = torch.optim.SGD([method.ctx], lr=LR, momentum=0.9, weight_decay=WEIGHT_DECAY)
     method.train()
-    out = method(image_features)
+    out = method.output(image_features)
     assert not out.cosine_logits and out.prompt_features.shape == (5, 4, 32)
     batch = StepBatch(out, labels, method, None, 0, image_features)
     bound = GaussianBound(run_setup(method, double_clip, CLASSNAMES, {"diversity_weight": None}))
@@ -114,7 +114,7 @@ def test_inference_uses_the_mean_of_all_prompts_not_renormalized(double_clip, re
     method.double().eval()
     image_features = torch.randn(3, 32, dtype=torch.float64)
     with torch.no_grad():
-        out = method(image_features)
+        out = method.output(image_features)
         every = reference_features(
             double_clip.model, double_clip.tokenizer, reference_text, method.ctx, range(N_PROMPTS)
         ).mean(dim=1)
@@ -124,7 +124,7 @@ def test_inference_uses_the_mean_of_all_prompts_not_renormalized(double_clip, re
     with torch.no_grad():  # kept while nothing changes; recomputed when the contexts move
         assert method.classifier() is method.classifier()
         method.ctx.add_(0.1)
-        assert not torch.equal(method(image_features).logits, out.logits)
+        assert not torch.equal(method.output(image_features).logits, out.logits)
 
 
 def test_prompt_subsets_cycle_through_a_permutation_and_resume(tiny_clip):
@@ -149,7 +149,7 @@ def test_calibrated_loss_takes_the_methods_logits(tiny_clip):
     """ProDA's logits are not the scaled cosines of its (normalized mean) features: the calibrated loss
     composes its terms on the logits."""
     method = ProDA(tiny_clip.model, tiny_clip.tokenizer, CLASSNAMES, n_ctx=N_CTX, n_prompts=N_PROMPTS)
-    out = method(torch.randn(4, 32))
+    out = method.output(torch.randn(4, 32))
     labels = torch.tensor([0, 1, 2, 3])
     frozen = F.normalize(torch.randn(5, 32), dim=-1)
     options = {"margin_alpha": 0.0, "margin_beta": 0.0, "moment_weight": 0.0, "label_smoothing": 0.0}

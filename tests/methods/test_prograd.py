@@ -81,7 +81,7 @@ def test_one_step_matches_the_reference(
     )
     with torch.no_grad():
         teacher = hook.teacher_logits(
-            StepBatch(method(image_features), None, method, None, 0, image_features)
+            StepBatch(method.output(image_features), None, method, None, 0, image_features)
         )
     # labels the teacher finds least (most) likely: their CE gradient opposes (follows) the KL's
     labels = getattr(teacher, pick)(dim=1)
@@ -96,7 +96,7 @@ def test_one_step_matches_the_reference(
         atol=0,
     )
     optimizer = torch.optim.SGD([ctx], lr=LR, momentum=0.9, weight_decay=WEIGHT_DECAY)
-    out = method(image_features)
+    out = method.output(image_features)
     batch = StepBatch(out, labels, method, None, 0, image_features)
     loss = CrossEntropy()(batch) + (extra_term(ctx) if with_term else 0.0)
     kl = distillation_cross_entropy(out.logits, hook.teacher_logits(batch))

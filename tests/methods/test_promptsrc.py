@@ -105,7 +105,7 @@ def test_one_step_matches_the_reference(double_clip, reference_text, run_setup):
     optimizer = torch.optim.SGD(params, lr=LR, momentum=0.9, weight_decay=WEIGHT_DECAY)
     regulation = SelfRegulation(run_setup(method, double_clip, CLASSNAMES, {}))
     assert (regulation.text_weight, regulation.image_weight) == (25.0, 10.0)
-    out = method(images)
+    out = method.output(images)
     batch = StepBatch(out, labels, method, None, 0, images)
     loss = CrossEntropy()(batch) + regulation(batch)
     loss.backward()

@@ -64,7 +64,7 @@ def test_one_step_matches_the_reference(double_clip, reference_text, run_setup):
     assert config.optimizer == "adam" and config.adam_eps == 1e-3 and config.epochs == 50
     assert config.name_template == NAME_TEMPLATE and config.text_template == CLASS_TEMPLATE
     optimizer = build_optimizer(params, config)
-    out = method(image_features)
+    out = method.output(image_features)
     batch = StepBatch(out, labels, method, None, 0, image_features)
     guidance = ClassKnowledgeGuidance(run_setup(method, double_clip, CLASSNAMES, config.to_dict()))
     loss = CrossEntropy()(batch) + guidance(batch)
@@ -86,7 +86,7 @@ def test_context_and_class_tokens_both_reach_the_features(tiny_clip):
     """The TKE's tokens enter at their layer; the context still shapes the features through attention
     in the layers before it."""
     method = TCP(tiny_clip.model, tiny_clip.tokenizer, CLASSNAMES, inject_layer=1)
-    features = method.text_features()
+    features = method.class_features()
     tke_weight = method.knowledge_embedding.net.linear2.weight
     ctx_grad, tke_grad = torch.autograd.grad(features.sum(), [method.prompt_learner.ctx, tke_weight])
     assert ctx_grad.abs().sum() > 0 and tke_grad.abs().sum() > 0
@@ -94,7 +94,7 @@ def test_context_and_class_tokens_both_reach_the_features(tiny_clip):
     # the class features
     with torch.no_grad():
         terms = method.term_features(CLASSNAMES, frozen_features=method.class_knowledge)
-        torch.testing.assert_close(terms, method.text_features(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(terms, method.class_features(), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="inject_layer"):
         TCP(tiny_clip.model, tiny_clip.tokenizer, CLASSNAMES, inject_layer=3)
     with pytest.raises(ValueError, match="frozen_features"):
@@ -109,7 +109,7 @@ def test_new_classes_get_their_own_class_knowledge(tiny_clip):
             tiny_clip.tokenizer(["a photo of a violin.", "a photo of a red fox."])
         )
     torch.testing.assert_close(method.class_knowledge, F.normalize(expected, dim=-1), atol=1e-6, rtol=1e-5)
-    assert method(torch.randn(3, 32)).logits.shape == (3, 2)
+    assert method.output(torch.randn(3, 32)).logits.shape == (3, 2)
 
 
 def test_spec_cites_the_recipe():

@@ -228,12 +228,12 @@ def test_adam_where_the_recipe_says_so(tiny_clip, synthetic_splits, tmp_path):
     from fastcal.runs.train.loop import prepare
 
     run = prepare(config(tmp_path, method="tcp", inject_layer=1), clip=tiny_clip, splits=synthetic_splits)
-    assert isinstance(run.optimizer, torch.optim.Adam)
-    group = run.optimizer.param_groups[0]
+    assert isinstance(run.step.optimizer, torch.optim.Adam)
+    group = run.step.optimizer.param_groups[0]
     assert group["eps"] == 1e-3 and group["weight_decay"] == 5e-4 and group["betas"] == (0.9, 0.999)
-    assert [r.name for r in run.regularizers] == ["tcp_knowledge"] and run.hooks == []
-    sgd = prepare(config(tmp_path, method="coop"), clip=tiny_clip, splits=synthetic_splits)
-    assert isinstance(sgd.optimizer, torch.optim.SGD) and sgd.optimizer.param_groups[0]["momentum"] == 0.9
+    assert [r.name for r in run.step.regularizers] == ["tcp_knowledge"] and run.step.hooks == []
+    sgd = prepare(config(tmp_path, method="coop"), clip=tiny_clip, splits=synthetic_splits).step.optimizer
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9
 
 
 def test_resume_refuses_another_config(tmp_path, tiny_clip, synthetic_splits):
