@@ -186,10 +186,10 @@ def run_in_a_plain_loop(name, config, options):
 @pytest.mark.parametrize(
     ("name", "settings", "options"),
     [
-        ("prograd", ["--epochs", "3"], {}),
+        ("prograd", ["--epochs", "3"], ()),
         (
             "promptsrc",
-            ["--epochs", "3", "--batch-size", "4", "--gpa-mean", "2"],
+            ["--epochs", "2", "--batch-size", "4", "--gpa-mean", "1"],
             ("prompt_depth", "vision_depth"),
         ),
     ],
