@@ -84,7 +84,43 @@ def deep_text_prompts(learner: PromptLearner, depth: int, init_std: float) -> nn
     )
 
 
-class MaPLe(PromptMethod):
+class DeepTextPromptMethod(PromptMethod):
+    """A method whose text side is a ``prompt_learner`` context plus deep text prompts
+    (``deep_text_prompt_list``): MaPLe, PromptSRC. Class features and DOR's outlier words go through both.
+    """
+
+    def deep_text_prompt_list(self) -> list[torch.Tensor]:
+        """The deep text prompts, one ``(n, W)`` per text layer ``1 .. depth - 1``."""
+        raise NotImplementedError
+
+    @property
+    def classnames(self) -> list[str]:
+        return self.prompt_learner.classnames
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        self.prompt_learner.set_classnames(classnames)
+
+    def class_features(self) -> torch.Tensor:
+        """Class text features (C, D) with the context and the deep text prompts (unnormalized)."""
+        learner = self.prompt_learner
+        return learner.text_encoder.encode_embeddings(
+            learner.prompt_embeddings(), learner.token_ids, deep_prompts=self.deep_text_prompt_list()
+        )
+
+    def term_features(
+        self,
+        terms: Sequence[str],
+        *,
+        image_features: torch.Tensor | None = None,
+        frozen_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``(T, D)`` features of ``terms`` through the context and the deep text prompts, as its classes."""
+        return self.prompt_learner.encode_terms(
+            list(terms), deep_prompts=self.deep_text_prompt_list() or None
+        )
+
+
+class MaPLe(DeepTextPromptMethod):
     """Coupled deep prompts in the text and image towers (module docstring).
 
     Args:
@@ -134,30 +170,8 @@ class MaPLe(PromptMethod):
             [copy.deepcopy(coupling) for _ in range(prompt_depth - 1)]
         )
 
-    @property
-    def classnames(self) -> list[str]:
-        return self.prompt_learner.classnames
-
-    def set_classnames(self, classnames: Sequence[str]) -> None:
-        self.prompt_learner.set_classnames(classnames)
-
-    def class_features(self) -> torch.Tensor:
-        """Class text features (C, D) with the context and the deep text prompts."""
-        learner = self.prompt_learner
-        return learner.text_encoder.encode_embeddings(
-            learner.prompt_embeddings(), learner.token_ids, deep_prompts=list(self.compound_prompts_text)
-        )
-
-    def term_features(
-        self,
-        terms: Sequence[str],
-        *,
-        image_features: torch.Tensor | None = None,
-        frozen_features: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``(T, D)`` features of ``terms`` through the context and the deep text prompts, as its classes."""
-        deep = list(self.compound_prompts_text) or None
-        return self.prompt_learner.encode_terms(list(terms), deep_prompts=deep)
+    def deep_text_prompt_list(self) -> list[torch.Tensor]:
+        return list(self.compound_prompts_text)
 
     def visual_prompts(self) -> list[torch.Tensor]:
         """``[F_0(v), F_1(T_1), ...]``: the image tower's prompts, one (n, vision width) per layer."""

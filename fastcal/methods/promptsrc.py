@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcal._checks import check_int, fail
-from fastcal.methods.base import MethodOutput, MethodSpec, PromptMethod, clip_logits
-from fastcal.methods.maple import deep_text_prompts, phrase_context_learner
+from fastcal.methods.base import MethodOutput, MethodSpec, clip_logits
+from fastcal.methods.maple import DeepTextPromptMethod, deep_text_prompts, phrase_context_learner
 from fastcal.methods.objectives import RegularizerSetup, StatelessRegularizer, StepBatch, TrainingHook
 from fastcal.models.vision_prompts import DeepVisualPrompts
 
@@ -116,7 +116,7 @@ def raw_mean_features(
     return F.normalize(total / len(templates), dim=-1)
 
 
-class PromptSRC(PromptMethod):
+class PromptSRC(DeepTextPromptMethod):
     """Independent deep text and visual prompts (module docstring).
 
     Args:
@@ -163,30 +163,8 @@ class PromptSRC(PromptMethod):
             model, n_tokens=n_ctx_vision, depth=vision_depth, init_std=init_std
         )
 
-    @property
-    def classnames(self) -> list[str]:
-        return self.prompt_learner.classnames
-
-    def set_classnames(self, classnames: Sequence[str]) -> None:
-        self.prompt_learner.set_classnames(classnames)
-
-    def class_features(self) -> torch.Tensor:
-        """Class text features (C, D) with the context and the deep text prompts (unnormalized)."""
-        learner = self.prompt_learner
-        return learner.text_encoder.encode_embeddings(
-            learner.prompt_embeddings(), learner.token_ids, deep_prompts=list(self.deep_text_prompts)
-        )
-
-    def term_features(
-        self,
-        terms: Sequence[str],
-        *,
-        image_features: torch.Tensor | None = None,
-        frozen_features: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``(T, D)`` features of ``terms`` through the context and the deep text prompts."""
-        deep = list(self.deep_text_prompts) or None
-        return self.prompt_learner.encode_terms(list(terms), deep_prompts=deep)
+    def deep_text_prompt_list(self) -> list[torch.Tensor]:
+        return list(self.deep_text_prompts)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.visual_prompts(self.clip_model, images)
