@@ -1,6 +1,7 @@
 """Bench: one training step of ProGrad, PromptSRC, TCP and ProDA, the reference way vs fastcal's.
 
-Shape: random-init ViT-B-16 (image tower 12 x 768 at 224 px, text tower 12 x 512 with 77 positions),
+Shape: random-init ViT-B-16 (image tower 12 x 768 at 224 px, text tower 12 x 512 with 77 positions;
+``--model ViT-B-32``: the same text tower, a 4x cheaper image tower),
 each method's published recipe (context lengths, depths, prompts; batch 32 for ProGrad and TCP, 4 for
 PromptSRC and ProDA), cross-entropy. Classes: the first ``--classes`` of open_clip's ImageNet class
 names (default 100, Caltech101's shape).
@@ -26,6 +27,7 @@ bench/results/method_steps.json.
     .venv/bin/python bench/method_steps.py                 # 100 classes, 2 rounds
     .venv/bin/python bench/method_steps.py --quick         # 10 classes, 1 round
     .venv/bin/python bench/method_steps.py --methods tcp   # some of the methods
+    .venv/bin/python bench/method_steps.py --model ViT-B-32 --classes 20   # a loaded 2-core machine
 """
 
 from __future__ import annotations
@@ -222,14 +224,14 @@ REFERENCE = {
 
 
 # ---- set-up ----------------------------------------------------------------------------------------
-def build(method: str, variant: str, count: int):
+def build(method: str, variant: str, count: int, model_name: str):
     """The step function of ``method`` / ``variant`` on fixed seeded inputs."""
     from open_clip import IMAGENET_CLASSNAMES
 
     from fastcal.models import load_clip
 
     torch.manual_seed(0)
-    clip = load_clip(MODEL)
+    clip = load_clip(model_name)
     model = clip.model
     model.requires_grad_(False)
     names = list(IMAGENET_CLASSNAMES)[:count]
@@ -258,9 +260,9 @@ def build(method: str, variant: str, count: int):
     return lambda: step.from_features(cached, labels).loss
 
 
-def child(method: str, variant: str, count: int, rounds: int) -> dict:
+def child(method: str, variant: str, count: int, rounds: int, model_name: str) -> dict:
     """``method`` / ``variant`` in this (fresh) process: a warm-up step, then ``rounds`` timed steps."""
-    step = build(method, variant, count)
+    step = build(method, variant, count, model_name)
     step()
     runs = harness.repeated(step, rounds, warmup=0, clocks=harness.WALL_AND_CPU)
     return {"seconds": runs.seconds["wall"], "cpu_seconds": runs.seconds["cpu"]}
@@ -272,6 +274,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10 classes, one timed step per variant")
     parser.add_argument("--rounds", type=int, default=None, help="timed steps (default 2; --quick 1)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--model", default=MODEL, help=f"open_clip architecture (default {MODEL})")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     env = harness.start(args.threads)
@@ -281,14 +284,14 @@ def main() -> None:
     measured = {
         method: {
             variant: harness.in_subprocess(
-                child, method=method, variant=variant, count=classes, rounds=rounds
+                child, method=method, variant=variant, count=classes, rounds=rounds, model_name=args.model
             )
             for variant in VARIANTS
         }
         for method in args.methods
     }
     print(
-        f"one training step (cross-entropy): {MODEL}, {classes} classes; {args.threads} threads, "
+        f"one training step (cross-entropy): {args.model}, {classes} classes; {args.threads} threads, "
         f"median of {rounds}"
     )
     print(f"{'method':<10} {'reference (s)':>14} {'fastcal (s)':>12} {'ratio':>7} {'CPU ratio':>10}")
@@ -306,12 +309,13 @@ def main() -> None:
             f"{method:<10} {wall['reference']:14.3f} {wall['fastcal']:12.3f} {ratio:6.2f}x {cpu_ratio:9.2f}x"
         )
     results = {
-        "shape": {"model": MODEL, "classes": classes, "batch": BATCH},
+        "shape": {"model": args.model, "classes": classes, "batch": BATCH},
         "rounds": rounds,
         "variants": measured,
         "methods": summary,
     }
-    harness.write_results("method_steps" if classes == 100 else f"method_steps_{classes}", results, env)
+    name = "method_steps" if (classes, args.model) == (100, MODEL) else f"method_steps_{args.model}_{classes}"
+    harness.write_results(name, results, env)
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def run_in_a_plain_loop(name, config, options):
 @pytest.mark.parametrize(
     ("name", "settings", "options"),
     [
-        ("prograd", ["--epochs", "3"], ()),
+        ("prograd", ["--epochs", "3"], ("n_ctx",)),
         (
             "promptsrc",
             ["--epochs", "2", "--batch-size", "4", "--gpa-mean", "1"],
