@@ -119,6 +119,7 @@ class TrainingStep:
         self.epoch = 0
         self._started_epoch: int | None = None
         self._frozen: tuple[tuple[str, ...], torch.Tensor] | None = None
+        self._model_key: str | None = None  # the frozen CLIP's fingerprint, hashed when a term needs it
         if frozen_text_features is not None:
             self._frozen = (tuple(method.classnames), frozen_text_features.to(self.device))
         self.loss = self._build_loss(loss, loss_options)
@@ -188,15 +189,16 @@ class TrainingStep:
         from fastcal.models.fingerprint import model_fingerprint
 
         method = self.method
-        model_key = model_fingerprint(method.clip_model)
 
         def setup(name: str) -> RegularizerSetup:
+            if self._model_key is None:
+                self._model_key = model_fingerprint(method.clip_model)
             return RegularizerSetup(
                 name=name,
                 method_name=method.method_name,
                 method=method,
                 model=method.clip_model,
-                model_key=model_key,
+                model_key=self._model_key,
                 tokenizer=method.tokenizer,
                 classnames=list(method.classnames),
                 templates=self.templates,
