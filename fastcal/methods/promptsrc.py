@@ -242,7 +242,9 @@ class GaussianPromptAggregation(TrainingHook):
 
     def on_epoch_end(self, epoch: int) -> None:
         if epoch >= len(self.weights):
-            raise fail("epoch", f"one of the {len(self.weights)} epochs aggregated (setting 'epochs')", epoch + 1)
+            raise fail(
+                "epoch", f"one of the {len(self.weights)} epochs aggregated (setting 'epochs')", epoch + 1
+            )
         weight = self.weights[epoch]
         with torch.no_grad():
             tuned = dict(self.method.tuned_parameters())
