@@ -189,7 +189,7 @@ def test_vpt_outliers_keep_the_images_similarity_profiles(tiny_clip, tmp_path):
     model, tokenizer = tiny_clip
     method = VPT(copy.deepcopy(model), tokenizer, CLASSNAMES, n_ctx_vision=2, vision_depth=2)
     images = torch.randn(3, 3, 32, 32)
-    out = method(images)
+    out = method.output(images)
     batch = StepBatch(out, torch.tensor([0, 1, 2]), method, None, 0, images)
     dor = DORegularizer(_pool(model, tokenizer, tmp_path), weight=2.0, n_outliers=5)
     dor.on_epoch_start(0)
