@@ -43,6 +43,10 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "kgcoop": "fastcal.methods.kgcoop:SPEC",
         "maple": "fastcal.methods.maple:SPEC",
         "vpt": "fastcal.methods.vpt:SPEC",
+        "prograd": "fastcal.methods.prograd:SPEC",
+        "promptsrc": "fastcal.methods.promptsrc:SPEC",
+        "tcp": "fastcal.methods.tcp:SPEC",
+        "proda": "fastcal.methods.proda:SPEC",
     },
     "loss": {
         "ce": "fastcal.methods.objectives:CROSS_ENTROPY",

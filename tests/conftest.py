@@ -44,16 +44,28 @@ def testbed_clip():
     return load_testbed_clip(cache_dir=_USER_TESTBED_CACHE, progress=False)
 
 
-@pytest.fixture
-def testbed_cache(testbed_clip, cache_dir):
-    """A private cache (the ``cache_dir`` fixture) that holds the session's testbed weights (a link), so
-    commands loading the testbed from ``$FASTCAL_CACHE`` find it without pretraining again."""
+def link_testbed_weights(cache_dir):
+    """Make ``cache_dir`` hold the session's testbed weights (a link to the user's cache)."""
     from fastcal.models.testbed import cached_testbed_path
 
     target = cached_testbed_path(cache_dir=cache_dir / "testbed")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.symlink_to(cached_testbed_path(cache_dir=_USER_TESTBED_CACHE))
     return cache_dir
+
+
+@pytest.fixture
+def testbed_cache(testbed_clip, cache_dir):
+    """A private cache (the ``cache_dir`` fixture) that holds the session's testbed weights (a link), so
+    commands loading the testbed from ``$FASTCAL_CACHE`` find it without pretraining again."""
+    return link_testbed_weights(cache_dir)
+
+
+@pytest.fixture(scope="module")
+def module_testbed_cache(testbed_clip, tmp_path_factory):
+    """A cache shared by one module's tests, holding the testbed weights (a link): image features are
+    computed once for all of them."""
+    return link_testbed_weights(tmp_path_factory.mktemp("module-cache"))
 
 
 @pytest.fixture(scope="session")
@@ -70,15 +82,19 @@ def random_testbed():
     return model, open_clip.get_tokenizer(TESTBED_MODEL)
 
 
-def _reference_text(model, embeddings, token_ids, deep_prompts=None):
+def _reference_text(model, embeddings, token_ids, deep_prompts=None, injected=None):
     """CLIP's text forward at full length, layer by layer (MaPLe's deep prompts replace positions 1..n
-    before layers 1..len(deep_prompts))."""
+    before layers 1..len(deep_prompts); TCP's ``injected = (k, tokens (N, n, W))`` replaces them, per
+    row, before layer k)."""
     x = embeddings + model.positional_embedding
     n = 0 if not deep_prompts else deep_prompts[0].shape[0]
     for k, block in enumerate(model.transformer.resblocks):
         if deep_prompts and 1 <= k <= len(deep_prompts):
             prompt = deep_prompts[k - 1].unsqueeze(0).expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :1], prompt, x[:, 1 + n :]], dim=1)
+        if injected is not None and k == injected[0]:
+            tokens = injected[1]
+            x = torch.cat([x[:, :1], tokens, x[:, 1 + tokens.shape[1] :]], dim=1)
         x = block(x, attn_mask=model.attn_mask)
     x = model.ln_final(x)
     return x[torch.arange(x.shape[0]), token_ids.argmax(dim=-1)] @ model.text_projection
@@ -87,7 +103,7 @@ def _reference_text(model, embeddings, token_ids, deep_prompts=None):
 @pytest.fixture(scope="session")
 def reference_text():
     """CLIP's text forward at full length from open_clip's modules, independent of fastcal's
-    TextEncoder: ``reference_text(model, embeddings, token_ids, deep_prompts=None)``."""
+    TextEncoder: ``reference_text(model, embeddings, token_ids, deep_prompts=None, injected=None)``."""
     return _reference_text
 
 

@@ -26,6 +26,13 @@ owns them from then on.
 they were read from) and the regularizers it always adds (KgCoOp's knowledge guidance); it is registered
 in ``fastcal.registry`` (kind ``"prompt_method"``), ``get_method(name)`` imports the method's module on
 demand, and ``build_method(name, model, tokenizer, classnames)`` builds it with the recipe's options.
+
+What else a method can offer the trainer: its features of arbitrary words through the tuned prompt
+(``term_features``, ``outlier_drift_pair``: DOR), its frozen image features (``frozen_image_features``:
+PromptSRC's agreement terms) and state kept between steps (``training_state``: ProDA's prompt-subset
+cycle). ``MethodSpec.hooks`` name what a training step does beyond its objective (ProGrad's gradient
+rule, PromptSRC's prompt aggregation); ``MethodSpec.dataset_recipes`` the per-dataset values of a
+method's code.
 """
 
 from __future__ import annotations
@@ -46,12 +53,21 @@ INPUT_KINDS = ("features", "images")
 
 class MethodOutput(NamedTuple):
     """A method's forward: scaled ``logits`` (B, C), L2-normalized ``image_features`` (B, D) and
-    ``text_features`` ((C, D), or (B, C, D) per image), and the scale ``exp(logit_scale)`` (0-dim)."""
+    ``text_features`` ((C, D), or (B, C, D) per image), and the scale ``exp(logit_scale)`` (0-dim).
+
+    ``cosine_logits`` is False when the logits are not ``logit_scale * cos(image, text)`` of these
+    features (ProDA scores with the un-renormalized mean of its prompts' features), so a loss that would
+    recompute them from the features (the fused calibrated loss) takes ``logits`` instead.
+    ``prompt_features`` (C, P, D): the normalized class features of each of the step's P prompts, for a
+    method that learns a distribution of prompts (ProDA's training forward); ``None`` otherwise.
+    """
 
     logits: torch.Tensor
     image_features: torch.Tensor
     text_features: torch.Tensor
     logit_scale: torch.Tensor
+    cosine_logits: bool = True
+    prompt_features: torch.Tensor | None = None
 
 
 def clip_logits(
@@ -136,6 +152,50 @@ class PromptMethod(nn.Module):
         them)."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def frozen_image_features(self, inputs: torch.Tensor) -> torch.Tensor:
+        """L2-normalized features (B, D) of a batch under the frozen, unprompted image encoder: the
+        inputs themselves for a frozen-image method, one more encoder pass for a prompted one."""
+        features = inputs if self.input_kind == "features" else self.clip_model.encode_image(inputs)
+        return F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=-1)
+
+    # ---- outlier words (DOR) -----------------------------------------------------------------------
+    # True when ``outlier_drift_pair`` is implemented (the method has a tuned prompt DOR can regularize).
+    supports_outliers: bool = False
+
+    def term_features(
+        self,
+        terms: Sequence[str],
+        *,
+        image_features: torch.Tensor | None = None,
+        frozen_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Text features ``(T, D)`` of arbitrary words (DOR's outliers) through the tuned text prompt, with
+        gradients to the tuned parameters. ``image_features``: the step's (per-image contexts);
+        ``frozen_features``: the words' frozen zero-shot features (class-aware prompts)."""
+        raise fail("method", "a method with a tuned text prompt", type(self).__name__)
+
+    def outlier_drift_pair(
+        self, terms: Sequence[str], frozen_features: torch.Tensor, batch: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """DOR's pair for the words ``terms``: what the tuned model makes of them and what the frozen one
+        made of them, rows compared by cosine (``fastcal.outliers.dor``). Default: the words' features
+        through the tuned prompt against their frozen features ``(T, D)``. ``batch``: the step's
+        ``fastcal.methods.objectives.StepBatch`` (``None``: no images)."""
+        image_features = None if batch is None else batch.output.image_features
+        tuned = self.term_features(terms, image_features=image_features, frozen_features=frozen_features)
+        return tuned, frozen_features
+
+    # ---- state between steps -----------------------------------------------------------------------
+    def training_state(self) -> dict[str, Any]:
+        """What the method keeps between training steps besides its parameters (ProDA's prompt-subset
+        cycle), as tensors and plain values; checkpoints save it, so resuming continues exactly."""
+        return {}
+
+    def load_training_state(self, state: Mapping[str, Any]) -> None:
+        """Restore ``training_state`` output."""
+        return None
+
     def tuned_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` of every parameter that trains."""
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
@@ -195,9 +255,16 @@ class MethodSpec:
         options: the config keys ``build`` takes (passed from the run's config).
         recipe: config defaults from the method's published base-to-new recipe.
         source: where the recipe's numbers come from (repository and config file).
-        regularizers: regularizers the method always uses (by registry name), e.g. KgCoOp's.
+        regularizers: terms the method always adds to its loss: registry names (KgCoOp's ``"kgcoop"``)
+            or regularizer factories of its own (``fastcal.methods.objectives``: PromptSRC's
+            self-regulation, ProDA's Gaussian bound).
+        hooks: factories of the ``fastcal.methods.objectives.TrainingHook`` s its training uses beyond
+            the objective: a gradient rule (ProGrad's), an epoch-end step (PromptSRC's prompt
+            aggregation).
         testbed_recipe: what replaces recipe values on the embedded testbed (a tiny 3-layer CLIP on a
             2-core CPU): a short schedule and prompt depths that fit its towers.
+        dataset_recipes: per fastcal dataset name, what replaces recipe values on that dataset (the
+            per-dataset templates, epochs or weights of the method's code).
     """
 
     name: str
@@ -206,8 +273,10 @@ class MethodSpec:
     options: tuple[str, ...]
     recipe: Mapping[str, Any]
     source: str
-    regularizers: tuple[str, ...] = field(default=())
+    regularizers: tuple[str | Callable[..., Any], ...] = field(default=())
+    hooks: tuple[Callable[..., Any], ...] = field(default=())
     testbed_recipe: Mapping[str, Any] = field(default_factory=dict)
+    dataset_recipes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def get_method(name: str) -> MethodSpec:

@@ -103,6 +103,21 @@ class CoCoOp(CoOp):
         shift = shift[:, None, None, :] if ctx.ndim == 3 else shift[:, None, :]
         return ctx.unsqueeze(0) + shift
 
+    def term_features(
+        self,
+        terms: Sequence[str],
+        *,
+        image_features: torch.Tensor | None = None,
+        frozen_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``(T, D)`` features of ``terms`` with the batch's image-conditioned context ``ctx + mean_i
+        meta_net(f_i)`` (CoCoOp trains with batch 1, where this is the image's own context; gradients
+        reach the meta-net too); without images, the bare context."""
+        if image_features is None:
+            return super().term_features(terms)
+        ctx = self.conditioned_context(image_features).mean(dim=0)
+        return self.prompt_learner.encode_terms(list(terms), ctx.mean(dim=0) if ctx.ndim == 3 else ctx)
+
     def class_features(self, image_features: torch.Tensor) -> torch.Tensor:
         """Each image's class text features ``(B, C, D)`` (unnormalized): the context is conditioned on
         the image's features ``(B, D)``."""

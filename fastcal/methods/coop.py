@@ -60,13 +60,15 @@ class CoOp(PromptMethod):
         model: an open_clip CLIP (frozen here).
         tokenizer: its tokenizer.
         classnames: the classes to train on.
-        n_ctx, ctx_init, class_specific, class_token_position, init_std: the ``PromptLearner``'s.
+        n_ctx, ctx_init, class_specific, class_token_position, init_std, n_learned, name_template: the
+            ``PromptLearner``'s.
     """
 
     input_kind = "features"
     method_name = "coop"
     # one context for every class: the shared prefix is computed once (CoCoOp's contexts differ per image)
     packs_prompts = True
+    supports_outliers = True
 
     def __init__(
         self,
@@ -79,6 +81,8 @@ class CoOp(PromptMethod):
         class_specific: bool = False,
         class_token_position: str = "end",
         init_std: float = 0.02,
+        n_learned: int | None = None,
+        name_template: str = "{}.",
     ) -> None:
         super().__init__(model, tokenizer)
         self.prompt_learner = PromptLearner(
@@ -90,6 +94,8 @@ class CoOp(PromptMethod):
             class_specific=class_specific,
             class_token_position=class_token_position,
             init_std=init_std,
+            n_learned=n_learned,
+            name_template=name_template,
         )
         self.packed: PackedPrompts | None = None
         self._pack()
@@ -117,6 +123,18 @@ class CoOp(PromptMethod):
         """``image_features`` (B, D) from the frozen image encoder -> logits over the classes."""
         self.check_inputs(image_features)
         return clip_logits(image_features, self.class_features(), self.clip_model.logit_scale)
+
+    def term_features(
+        self,
+        terms: Sequence[str],
+        *,
+        image_features: torch.Tensor | None = None,
+        frozen_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``(T, D)`` features of ``terms`` in the learned template (``PromptLearner.encode_terms``); a
+        class-specific context contributes the mean of the class contexts (a word has no class)."""
+        ctx = self.prompt_learner.ctx
+        return self.prompt_learner.encode_terms(list(terms), ctx.mean(dim=0) if ctx.ndim == 3 else ctx)
 
 
 SPEC = MethodSpec(

@@ -55,7 +55,72 @@ SOURCE = (
 MAX_PHRASE_CTX = 4
 
 
-class MaPLe(PromptMethod):
+def phrase_context_learner(
+    model: nn.Module,
+    tokenizer: Any,
+    classnames: Sequence[str],
+    *,
+    n_ctx: int,
+    ctx_init: str | None,
+    init_std: float,
+) -> PromptLearner:
+    """The text context of MaPLe and PromptSRC: the first ``n_ctx`` tokens of ``ctx_init`` (the rest of
+    the phrase kept as words before the name) while ``n_ctx <= 4``, else ``n_ctx`` random tokens, as
+    their reference code decides."""
+    text_encoder = TextEncoder(model, bucket=True)
+    if ctx_init and n_ctx <= MAX_PHRASE_CTX:
+        return PromptLearner(
+            text_encoder, tokenizer, classnames, ctx_init=ctx_init, n_learned=n_ctx, init_std=init_std
+        )
+    return PromptLearner(text_encoder, tokenizer, classnames, n_ctx=n_ctx, init_std=init_std)
+
+
+def deep_text_prompts(learner: PromptLearner, depth: int, init_std: float) -> nn.ParameterList:
+    """``depth - 1`` deep text prompts shaped like ``learner``'s context, N(0, init_std^2), for text
+    layers ``1 .. depth - 1`` (``TextEncoder.encode_embeddings(deep_prompts=...)``)."""
+    shape, device = learner.ctx.shape, learner.ctx.device
+    return nn.ParameterList(
+        [nn.Parameter(torch.empty(shape, device=device).normal_(0.0, init_std)) for _ in range(depth - 1)]
+    )
+
+
+class DeepTextPromptMethod(PromptMethod):
+    """A method whose text side is a ``prompt_learner`` context plus deep text prompts
+    (``deep_text_prompt_list``): MaPLe, PromptSRC. Class features and DOR's outlier words go through both.
+    """
+
+    def deep_text_prompt_list(self) -> list[torch.Tensor]:
+        """The deep text prompts, one ``(n, W)`` per text layer ``1 .. depth - 1``."""
+        raise NotImplementedError
+
+    @property
+    def classnames(self) -> list[str]:
+        return self.prompt_learner.classnames
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        self.prompt_learner.set_classnames(classnames)
+
+    def class_features(self) -> torch.Tensor:
+        """Class text features (C, D) with the context and the deep text prompts (unnormalized)."""
+        learner = self.prompt_learner
+        return learner.text_encoder.encode_embeddings(
+            learner.prompt_embeddings(), learner.token_ids, deep_prompts=self.deep_text_prompt_list()
+        )
+
+    def term_features(
+        self,
+        terms: Sequence[str],
+        *,
+        image_features: torch.Tensor | None = None,
+        frozen_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``(T, D)`` features of ``terms`` through the context and the deep text prompts, as its classes."""
+        return self.prompt_learner.encode_terms(
+            list(terms), deep_prompts=self.deep_text_prompt_list() or None
+        )
+
+
+class MaPLe(DeepTextPromptMethod):
     """Coupled deep prompts in the text and image towers (module docstring).
 
     Args:
@@ -72,6 +137,7 @@ class MaPLe(PromptMethod):
 
     input_kind = "images"
     method_name = "maple"
+    supports_outliers = True
 
     def __init__(
         self,
@@ -87,47 +153,25 @@ class MaPLe(PromptMethod):
         super().__init__(model, tokenizer)
         check_int("n_ctx", n_ctx, minimum=1)
         check_int("prompt_depth", prompt_depth, minimum=1)
-        text_encoder = TextEncoder(model, bucket=True)
         tower = vision_tower(model)
         layers = min(len(tower.transformer.resblocks), len(model.transformer.resblocks))
         if prompt_depth > layers:
             raise fail("prompt_depth", f"at most {layers} (the layers of the shallower tower)", prompt_depth)
-        if ctx_init and n_ctx <= MAX_PHRASE_CTX:
-            self.prompt_learner = PromptLearner(
-                text_encoder, tokenizer, classnames, ctx_init=ctx_init, n_learned=n_ctx, init_std=init_std
-            )
-        else:
-            self.prompt_learner = PromptLearner(
-                text_encoder, tokenizer, classnames, n_ctx=n_ctx, init_std=init_std
-            )
+        self.prompt_learner = phrase_context_learner(
+            model, tokenizer, classnames, n_ctx=n_ctx, ctx_init=ctx_init, init_std=init_std
+        )
         text_width = self.prompt_learner.ctx_dim
         vision_width = tower.class_embedding.shape[-1]
         device = self.prompt_learner.ctx.device
         self.proj = nn.Linear(text_width, vision_width).to(device)
-        self.compound_prompts_text = nn.ParameterList(
-            [
-                nn.Parameter(torch.empty(n_ctx, text_width, device=device).normal_(0.0, init_std))
-                for _ in range(prompt_depth - 1)
-            ]
-        )
+        self.compound_prompts_text = deep_text_prompts(self.prompt_learner, prompt_depth, init_std)
         coupling = nn.Linear(text_width, vision_width).to(device)
         self.compound_prompt_projections = nn.ModuleList(
             [copy.deepcopy(coupling) for _ in range(prompt_depth - 1)]
         )
 
-    @property
-    def classnames(self) -> list[str]:
-        return self.prompt_learner.classnames
-
-    def set_classnames(self, classnames: Sequence[str]) -> None:
-        self.prompt_learner.set_classnames(classnames)
-
-    def class_features(self) -> torch.Tensor:
-        """Class text features (C, D) with the context and the deep text prompts."""
-        learner = self.prompt_learner
-        return learner.text_encoder.encode_embeddings(
-            learner.prompt_embeddings(), learner.token_ids, deep_prompts=list(self.compound_prompts_text)
-        )
+    def deep_text_prompt_list(self) -> list[torch.Tensor]:
+        return list(self.compound_prompts_text)
 
     def visual_prompts(self) -> list[torch.Tensor]:
         """``[F_0(v), F_1(T_1), ...]``: the image tower's prompts, one (n, vision width) per layer."""

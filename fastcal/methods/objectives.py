@@ -11,7 +11,12 @@ without a new method file. Both are entries of ``fastcal.registry``:
 - a regularizer is a factory (kind ``"regularizer"``) that takes a ``RegularizerSetup`` and returns an
   object with ``__call__(batch) -> Tensor`` (the weighted term), ``on_epoch_start(epoch)`` (e.g.
   resampling outliers, reproducibly per epoch), and ``state_dict()`` / ``load_state_dict(state)`` for
-  exact resumption.
+  exact resumption. A method's own regularizers (``MethodSpec.regularizers``) are such factories too,
+  without a registry entry.
+
+What a step does beyond its objective, a method says with ``TrainingHook`` s (``MethodSpec.hooks``): a
+gradient rule that forms the update from the objective (ProGrad) and epoch-end steps (PromptSRC's
+prompt aggregation).
 
 Losses (all from ``fastcal.losses``):
 
@@ -20,8 +25,9 @@ Losses (all from ``fastcal.losses``):
 - ``"calibrated"``: TCPT's ``CalibratedPromptLoss`` (CVPR 2026; ashshaksharifdeen/TCPT): CE + a margin
   regularizer ``-alpha mean(m) + beta Var(m)`` on the logit margins + ``w`` x the gap between the first
   two moments of the tuned and frozen class features, fused. With one classifier per image (CoCoOp),
-  which the fused function does not take, the same terms are composed on the logits and the moment gap
-  is averaged over the images' classifiers (``_per_image_calibrated``).
+  which the fused function does not take, or logits that are not the scaled cosines of the features
+  (ProDA), the same terms are composed on the method's logits and the moment gap is averaged over the
+  images' classifiers (``_composed_calibrated``).
 
 The train-time calibration baselines TCPT and DOR compare against (``fastcal.losses.baselines``, each
 with its reference's defaults):
@@ -41,6 +47,7 @@ unprompted encoder over the images (as TCPT's trainers run ``ZeroshotCLIP.model_
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,8 +70,10 @@ class StepBatch:
 
     ``frozen_text_features`` (C, D): L2-normalized zero-shot features of the training classes (the
     config's ``frozen_templates``), the anchor of the calibrated loss's moment term and of KgCoOp.
-    ``inputs``: what the method was given (frozen image features or images, ``method.input_kind``), for
-    terms that need the frozen model's view of the batch (``zeroshot_logits``).
+    ``inputs``: the batch the method ran on (features or images); ``frozen_image_features`` (B, D), the
+    batch under the frozen unprompted image encoder (L2-normalized, no gradient), is computed from them
+    the first time a term asks (PromptSRC's agreement terms, ProGrad's teacher), so a step whose terms
+    do not need it never pays the extra image pass.
     """
 
     output: MethodOutput
@@ -72,27 +81,24 @@ class StepBatch:
     method: PromptMethod
     frozen_text_features: torch.Tensor
     epoch: int
-    inputs: Any = None
+    inputs: torch.Tensor | None = None
+
+    @functools.cached_property
+    def frozen_image_features(self) -> torch.Tensor:
+        if self.inputs is None:
+            raise fail("StepBatch.inputs", "the step's inputs (for its frozen image features)", "None")
+        return self.method.frozen_image_features(self.inputs)
 
 
 def zeroshot_logits(batch: StepBatch) -> torch.Tensor:
     """The frozen zero-shot CLIP's logits of the batch's images over the training classes,
-    ``exp(logit_scale) <f0_i, t0_c>`` with f0 the unprompted image features (the batch's features, or
-    the frozen encoder run on its images) and t0 ``frozen_text_features``; no gradient."""
-    if batch.inputs is None:
-        raise fail(
-            "StepBatch.inputs", "the batch's images or frozen image features (for the zero-shot logits)", None
-        )
-    method = batch.method
+    ``exp(logit_scale) <f0_i, t0_c>`` with f0 the batch's ``frozen_image_features`` (the unprompted
+    encoder's) and t0 ``frozen_text_features``; no gradient."""
+    image = batch.frozen_image_features
     dtype = torch.promote_types(batch.output.logits.dtype, torch.float32)
-    with torch.no_grad():
-        features = batch.inputs
-        if method.input_kind != "features":
-            features = method.clip_model.encode_image(features)
-        with torch.autocast(batch.labels.device.type, enabled=False):
-            image = F.normalize(features.to(dtype), dim=-1)
-            text = F.normalize(batch.frozen_text_features.to(dtype), dim=-1)
-            return method.clip_model.logit_scale.to(dtype).exp() * image @ text.T
+    with torch.no_grad(), torch.autocast(batch.labels.device.type, enabled=False):
+        text = F.normalize(batch.frozen_text_features.to(dtype), dim=-1)
+        return batch.method.clip_model.logit_scale.to(dtype).exp() * image.to(dtype) @ text.T
 
 
 @dataclass
@@ -178,25 +184,89 @@ class KnowledgeGuidance(StatelessRegularizer):
         weight = setup.options.get("weight", setup.config.get("kgcoop_weight"))
         self.weight = float(KGCOOP_WEIGHT if weight is None else weight)
 
+    def anchor(self, batch: StepBatch) -> torch.Tensor:
+        """The frozen class features the tuned ones are pulled to: the run's zero-shot features."""
+        return batch.frozen_text_features
+
     def __call__(self, batch: StepBatch) -> torch.Tensor:
         from fastcal.losses import kgcoop_loss
 
-        tuned, frozen = _flat_pairs(batch.output.text_features, batch.frozen_text_features)
+        tuned, frozen = _flat_pairs(batch.output.text_features, self.anchor(batch))
         return 0.5 * self.weight * kgcoop_loss(tuned, frozen)
 
 
 def build_regularizers(
-    names: Sequence[str], make_setup: Callable[[str], RegularizerSetup]
+    entries: Sequence[str | Callable[[RegularizerSetup], Regularizer]],
+    make_setup: Callable[[str], RegularizerSetup],
 ) -> list[Regularizer]:
-    """Instantiate the named regularizers (in order, duplicates dropped) from the registry; one whose
-    ``weight`` is 0 adds nothing and is left out rather than computed at every step."""
+    """Instantiate the regularizers (in order, duplicates dropped): registry names, or factories of a
+    method's own (set up under their ``name`` attribute or function name); one whose ``weight`` is 0
+    adds nothing and is left out rather than computed at every step."""
     built = []
-    for name in dict.fromkeys(names):
-        factory = registry.get("regularizer", name, argument="regularizers")
+    for entry in dict.fromkeys(entries):
+        if isinstance(entry, str):
+            name, factory = entry, registry.get("regularizer", entry, argument="regularizers")
+        else:
+            name, factory = getattr(entry, "name", entry.__name__), entry
         regularizer = factory(make_setup(name))
         if getattr(regularizer, "weight", None) != 0:
             built.append(regularizer)
     return built
+
+
+# ---- training hooks --------------------------------------------------------------------------------
+class TrainingHook:
+    """What a method changes in a training step beyond its objective; the default changes nothing.
+
+    - ``backward(objective, batch, parameters, scaler)`` writes the parameters' gradients: the default
+      back-propagates the (scaled) objective; a gradient rule replaces it (ProGrad projects the
+      objective's gradient against its zero-shot teacher's), so the rule composes with every loss and
+      regularizer. ``forms_gradient`` says a hook does; a run takes at most one such hook. Under AMP the
+      gradients it writes are still multiplied by ``scaler``'s scale (the optimizer step unscales them).
+    - ``on_epoch_end(epoch)`` runs after each epoch's last step and learning-rate update, before the
+      checkpoint (PromptSRC's Gaussian prompt aggregation);
+    - ``state_dict()`` / ``load_state_dict(state)`` go into checkpoints, for exact resumption.
+
+    Hooks are built like regularizers, from a ``RegularizerSetup`` (``MethodSpec.hooks``).
+    """
+
+    name = "hook"
+    forms_gradient = False
+
+    def backward(
+        self,
+        objective: torch.Tensor,
+        batch: StepBatch,
+        parameters: Sequence[nn.Parameter],
+        scaler: torch.amp.GradScaler,
+    ) -> None:
+        scaler.scale(objective).backward()
+
+    def on_epoch_end(self, epoch: int) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        return None
+
+
+def build_hooks(
+    factories: Sequence[Callable[[RegularizerSetup], TrainingHook]],
+    make_setup: Callable[[str], RegularizerSetup],
+) -> list[TrainingHook]:
+    """Instantiate a method's hooks; more than one gradient rule is an error."""
+    hooks = [factory(make_setup(getattr(factory, "name", factory.__name__))) for factory in factories]
+    rules = [hook.name for hook in hooks if hook.forms_gradient]
+    if len(rules) > 1:
+        raise fail("hooks", "at most one gradient rule", ", ".join(rules))
+    return hooks
+
+
+def gradient_hook(hooks: Sequence[TrainingHook]) -> TrainingHook:
+    """The hook that forms the gradient: the run's gradient rule, else plain back-propagation."""
+    return next((hook for hook in hooks if hook.forms_gradient), TrainingHook())
 
 
 # ---- losses ----------------------------------------------------------------------------------------
@@ -236,7 +306,7 @@ class CalibratedLoss:
 
     def __call__(self, batch: StepBatch) -> torch.Tensor:
         out = batch.output
-        if out.text_features.ndim == 2:
+        if out.text_features.ndim == 2 and out.cosine_logits:
             return self.loss(
                 out.image_features,
                 out.text_features,
@@ -244,18 +314,19 @@ class CalibratedLoss:
                 out.logit_scale,
                 batch.frozen_text_features if self.moment_weight else None,  # w = 0: no moment statistics
             )
-        return _per_image_calibrated(self, out, batch.labels, batch.frozen_text_features)
+        return _composed_calibrated(self, out, batch.labels, batch.frozen_text_features)
 
 
-def _per_image_calibrated(
+def _composed_calibrated(
     loss: CalibratedLoss, out: MethodOutput, labels: torch.Tensor, frozen: torch.Tensor
 ) -> torch.Tensor:
-    """The calibrated loss when image ``i`` has its own classifier ``t_i`` (B, C, D) (CoCoOp).
+    """The calibrated loss on the method's own logits: when image ``i`` has its own classifier ``t_i``
+    (B, C, D) (CoCoOp), or the logits are not the scaled cosines of the features (ProDA).
 
-    The fused function takes one classifier shared by the batch, so the terms are composed here from
-    the same definitions: CE and the margin statistics over the batch's rows of ``logits_ic = s <f_i,
-    t_ic>`` (as with a shared classifier), and the moment term averaged over the per-image classifiers,
-    ``mean_i M(t_i, t0)`` (``fastcal.ops.text_moment_gap``).
+    The fused function forms ``logits_ic = s <f_i, t_c>`` itself with one classifier shared by the batch,
+    so the terms are composed here from the same definitions: CE and the margin statistics over the rows
+    of the method's logits, and the moment term of the normalized class features (averaged over the
+    per-image classifiers, ``mean_i M(t_i, t0)``; ``fastcal.ops.text_moment_gap``).
     """
     from fastcal.ops import text_moment_gap
 
@@ -269,7 +340,8 @@ def _per_image_calibrated(
     if loss.moment_weight:
         anchor = F.normalize(frozen.to(dtype), dim=-1)
         tuned = F.normalize(out.text_features.to(dtype), dim=-1)
-        moments = torch.stack([text_moment_gap(t, anchor) for t in tuned])
+        classifiers = tuned if tuned.ndim == 3 else tuned[None]
+        moments = torch.stack([text_moment_gap(t, anchor) for t in classifiers])
         total = total + loss.moment_weight * moments.mean()
     return total
 

@@ -13,7 +13,7 @@ The context is one ``(n, W)`` matrix shared by all classes ("unified") or one pe
 (``class_specific=True``, CoOp's CSC, ``(C, n, W)``). It is initialized from a phrase (``ctx_init="a photo
 of a"``: the phrase's token embeddings; ``n`` becomes its token count) or from N(0, ``init_std``^2).
 The frozen parts are the token embeddings of the prompt text ``"<context words> <name>."`` (or another
-suffix after the name, for a template's remainder; CoOp's
+``name_template``: a template's remainder, TCP's dataset words; CoOp's
 ``token_prefix`` = SOS and ``token_suffix`` = everything after the context); they are buffers recomputed
 from the class names, never saved (``state_dict()`` holds only ``ctx``), so a learned context loads
 into a learner for other classes (base-to-new evaluation, cross-dataset transfer).
@@ -42,6 +42,7 @@ from torch import nn
 
 from fastcal._checks import check_choice, check_int, check_number, check_tensor, fail
 from fastcal.data.items import prompt_classname
+from fastcal.data.templates import check_template
 from fastcal.models.text_encoder import TextEncoder
 
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
@@ -83,7 +84,7 @@ class _Layout:
     ) -> None:
         encoder = learner.text_encoder
         tokenizer = learner.tokenizer
-        ids = tokenizer([f"{learner.prompt_prefix} {name}{learner.suffix}" for name in names])
+        ids = tokenizer([f"{learner.prompt_prefix} {learner.name_template.format(name)}" for name in names])
         check_tensor("tokenizer output", ids, ndim=2, integer=True)
         device = encoder.token_embedding(ids[:1, :1]).device
         ids = ids.to(device)
@@ -141,8 +142,10 @@ class PromptLearner(nn.Module):
         init_std: standard deviation of the random initialization (CoOp: 0.02).
         n_learned: with ``ctx_init``, learn only the phrase's first ``n_learned`` tokens and keep the rest
             as fixed words after them (MaPLe: 2 learned tokens of "a photo of a"; default: all).
-        suffix: the fixed text after the class name (``"."``; a template's remainder, e.g. ``" in a
-            video game."`` after ``"a {}"``).
+        name_template: the text after the context, ``{}`` the class name (default ``"{}."``; a template's
+            remainder, ``"{} in a video game."`` after ``"a"``; TCP's tuned prompts carry dataset words:
+            ``"{}, a type of pet."``, ``"person doing {}."``). The
+            middle and front layouts need it to start with the name, and move the name alone.
 
     Attributes:
         ctx: the learned context, ``(n_ctx, W)`` or ``(C, n_ctx, W)`` (class-specific); float32.
@@ -164,7 +167,7 @@ class PromptLearner(nn.Module):
         class_token_position: str = "end",
         init_std: float = 0.02,
         n_learned: int | None = None,
-        suffix: str = ".",
+        name_template: str = "{}.",
     ) -> None:
         super().__init__()
         if not isinstance(text_encoder, TextEncoder):
@@ -180,6 +183,14 @@ class PromptLearner(nn.Module):
         check_number("init_std", init_std, minimum=0.0, strict_minimum=True)
         if not isinstance(class_specific, bool):
             raise TypeError(f"class_specific: expected a bool, got {type(class_specific).__name__}")
+        check_template("name_template", name_template)
+        if class_token_position != "end" and not name_template.startswith("{}"):
+            raise fail(
+                "name_template",
+                f"a template starting with the name for class_token_position {class_token_position!r}",
+                repr(name_template),
+            )
+        self.name_template = name_template
         # Plain attributes: the encoder and tokenizer are shared with the model, not sub-modules.
         object.__setattr__(self, "text_encoder", text_encoder)
         object.__setattr__(self, "tokenizer", tokenizer)
@@ -187,11 +198,8 @@ class PromptLearner(nn.Module):
         # so alternating between them does not re-read the prompt lengths from the device.
         object.__setattr__(self, "_batched_encoder", copy.copy(text_encoder))
         object.__setattr__(self, "_term_encoder", copy.copy(text_encoder))
-        if not isinstance(suffix, str):
-            raise TypeError(f"suffix: expected a string, got {type(suffix).__name__}")
         self.class_specific = class_specific
         self.class_token_position = class_token_position
-        self.suffix = suffix
         width = text_encoder.token_embedding(torch.zeros(1, 1, dtype=torch.long)).shape[-1]
 
         if ctx_init is not None:
@@ -336,11 +344,12 @@ class PromptLearner(nn.Module):
         ctx: torch.Tensor | None = None,
         *,
         deep_prompts: Sequence[torch.Tensor] | None = None,
+        injected: tuple[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Text features ``(T, D)`` of ``terms`` (e.g. outlier words) in the learned template
         ``"<context> <term>."``, with gradients to the context. A class-specific learner needs an explicit
-        unified ``ctx`` ``(n_ctx, W)``. ``deep_prompts``: deep text prompts (MaPLe), as
-        ``TextEncoder.encode_embeddings`` takes them."""
+        unified ``ctx`` ``(n_ctx, W)``. ``deep_prompts`` (MaPLe) and ``injected`` (TCP, one token set
+        per term), as ``TextEncoder.encode_embeddings`` takes them."""
         terms = _check_names("terms", terms)
         layout = self.term_layout(terms)
         if ctx is None:
@@ -350,13 +359,15 @@ class PromptLearner(nn.Module):
         check_tensor("ctx", ctx, ndim=2, floating=True, finite=False)
         if tuple(ctx.shape) != (self.n_ctx, self.ctx_dim):
             raise fail("ctx", f"shape ({self.n_ctx}, {self.ctx_dim})", tuple(ctx.shape))
-        if deep_prompts is None:
+        if deep_prompts is None and injected is None:
             packed = self._packed_terms(terms)
             if packed is not None:  # the start token and context once for all the terms (exact)
                 return packed(ctx[None])[0]
         ctx_rows = ctx.unsqueeze(0).expand(len(terms), -1, -1)
         prompts = self._assemble(ctx_rows, (), layout.prefix, layout.suffix, layout.positions)
-        return self._term_encoder.encode_embeddings(prompts, layout.token_ids, deep_prompts=deep_prompts)
+        return self._term_encoder.encode_embeddings(
+            prompts, layout.token_ids, deep_prompts=deep_prompts, injected=injected
+        )
 
     def term_layout(self, terms: Sequence[str]) -> _Layout:
         """Token ids and frozen embeddings of ``terms`` in this learner's template (kept for the last
@@ -383,5 +394,6 @@ class PromptLearner(nn.Module):
         kind = "class-specific" if self.class_specific else "unified"
         return (
             f"classes={self.num_classes}, n_ctx={self.n_ctx}, width={self.ctx_dim}, {kind}, "
-            f"class_token_position={self.class_token_position!r}, prefix={self.prompt_prefix!r}"
+            f"class_token_position={self.class_token_position!r}, prefix={self.prompt_prefix!r}, "
+            f"name_template={self.name_template!r}"
         )

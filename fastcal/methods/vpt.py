@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastcal._checks import fail
@@ -57,9 +58,11 @@ SOURCE = (
 def hand_crafted_features(
     model: nn.Module, tokenizer: Any, classnames: Sequence[str], template: str
 ) -> torch.Tensor:
-    """Frozen text features ``(C, D)`` (unnormalized) of ``template`` over the class names."""
+    """Frozen text features ``(C, D)`` (unnormalized; float32, or float64 for a float64 model) of
+    ``template`` over the class names."""
     prompts = [template.format(prompt_classname(name)) for name in classnames]
-    return TextEncoder(model, bucket=True).encode(tokenizer(prompts)).float()
+    features = TextEncoder(model, bucket=True).encode(tokenizer(prompts))
+    return features.to(torch.promote_types(features.dtype, torch.float32))
 
 
 class VPT(PromptMethod):
@@ -77,6 +80,7 @@ class VPT(PromptMethod):
 
     input_kind = "images"
     method_name = "vpt"
+    supports_outliers = True
 
     def __init__(
         self,
@@ -112,6 +116,18 @@ class VPT(PromptMethod):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.visual_prompts(self.clip_model, images)
+
+    def outlier_drift_pair(
+        self, terms: Sequence[str], frozen_features: torch.Tensor, batch: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """DOR on VPT, fastcal's image-side variant (module docstring): per training image, its centered
+        similarity profile over the outliers' frozen features, tuned (B, O) and frozen (B, O)."""
+        if batch is None:
+            raise fail("batch", "the step's batch (VPT's DOR term compares its image features)", "None")
+        outliers = F.normalize(frozen_features.to(batch.output.image_features.dtype), dim=-1)
+        tuned = batch.output.image_features @ outliers.T
+        frozen = batch.frozen_image_features.to(outliers.dtype) @ outliers.T
+        return tuned - tuned.mean(dim=-1, keepdim=True), frozen - frozen.mean(dim=-1, keepdim=True)
 
     def class_features(self) -> torch.Tensor:
         """The hand-crafted prompt's class text features ``(C, D)`` (frozen, unnormalized)."""

@@ -164,7 +164,8 @@ def zeroshot_class_features(
     *,
     batch_size: int = 500,
 ) -> torch.Tensor:
-    """CLIP's zero-shot class features ``(C, D)`` float32, L2-normalized, on the model's device::
+    """CLIP's zero-shot class features ``(C, D)`` float32 (float64 for a float64 model), L2-normalized, on
+    the model's device::
 
         t_c = normalize(mean_k normalize(encode_text(tokenizer(templates[k].format(name_c)))))
 
@@ -181,9 +182,10 @@ def zeroshot_class_features(
         for template in templates:
             prompts = [template.format(c) for c in names]
             chunks = [
-                encoder.encode(tokenizer(prompts[i : i + batch_size])).float()
+                encoder.encode(tokenizer(prompts[i : i + batch_size]))
                 for i in range(0, len(prompts), batch_size)
             ]
+            chunks = [chunk.to(torch.promote_types(chunk.dtype, torch.float32)) for chunk in chunks]
             normalized = F.normalize(torch.cat(chunks), dim=-1)
             total = normalized if total is None else total + normalized
     return F.normalize(total / len(templates), dim=-1)

@@ -116,6 +116,11 @@ def bucket_splits(sorted_lengths: list[int], width: int, overhead_tokens: float)
     return groups[::-1]
 
 
+def _replace_context(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Hidden states ``x`` (N, L, W) with positions ``1..n`` replaced by ``tokens`` (N, n, W)."""
+    return torch.cat([x[:, :1], tokens, x[:, 1 + tokens.shape[1] :]], dim=1)
+
+
 def project_pooled(tower: Any, pooled: torch.Tensor) -> torch.Tensor:
     """The text tower's output projection of pooled features (a matrix, an ``nn.Linear`` or none)."""
     projection = tower.text_projection
@@ -234,6 +239,7 @@ class TextEncoder(nn.Module):
         token_ids: torch.Tensor,
         *,
         deep_prompts: Sequence[torch.Tensor] | None = None,
+        injected: tuple[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Text features ``(N, D)`` from token embeddings ``(N, L, W)`` (positions not yet added).
 
@@ -243,6 +249,11 @@ class TextEncoder(nn.Module):
         ``deep_prompts`` (MaPLe's deep text prompts, Khattak et al., CVPR 2023): tensors ``(n, W)``;
         before layer ``k`` (``1 <= k <= len(deep_prompts)``) the hidden states at positions ``1..n`` (the
         context right after SOS) are replaced by ``deep_prompts[k - 1]`` for every row.
+
+        ``injected = (k, tokens)`` (TCP's class-aware tokens, Yao et al., CVPR 2024): ``tokens`` ``(N, n,
+        W)``, one set per row; before layer ``k`` (``0 <= k < layers``; 0: right after the position
+        embeddings) the hidden states at positions ``1..n`` are replaced by them, once (after any deep
+        prompt of that layer).
         """
         tower = self._require_tower("encode_embeddings")
         check_tensor("embeddings", embeddings, ndim=3, floating=True, finite=False)
@@ -255,7 +266,26 @@ class TextEncoder(nn.Module):
             raise fail("embeddings", f"width {width} (the text tower's)", embeddings.shape[2])
         if deep_prompts is not None:
             deep_prompts = self._check_deep_prompts(deep_prompts, width)
-        return self._encode(embeddings, token_ids.to(embeddings.device), deep_prompts)
+        if injected is not None:
+            injected = self._check_injected(injected, embeddings.shape)
+        return self._encode(embeddings, token_ids.to(embeddings.device), deep_prompts, injected)
+
+    def _check_injected(
+        self, injected: tuple[int, torch.Tensor], shape: torch.Size
+    ) -> tuple[int, torch.Tensor]:
+        layers = len(self._tower.transformer.resblocks)
+        if not isinstance(injected, tuple) or len(injected) != 2:
+            raise fail("injected", "a (layer, tokens) pair", type(injected).__name__)
+        layer, tokens = injected
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < layers:
+            raise fail("injected", f"a layer in [0, {layers - 1}]", repr(layer))
+        check_tensor("injected tokens", tokens, ndim=3, floating=True, finite=False)
+        n, length, width = shape
+        if tokens.shape[0] != n or tokens.shape[2] != width or not 1 <= tokens.shape[1] < length:
+            raise fail(
+                "injected tokens", f"shape ({n}, n, {width}) with 1 <= n < {length}", tuple(tokens.shape)
+            )
+        return layer, tokens
 
     def _check_deep_prompts(self, deep_prompts: Sequence[torch.Tensor], width: int) -> list[torch.Tensor]:
         layers = len(self._tower.transformer.resblocks)
@@ -322,28 +352,43 @@ class TextEncoder(nn.Module):
         embeddings: torch.Tensor,
         token_ids: torch.Tensor,
         deep_prompts: list[torch.Tensor] | None = None,
+        injected: tuple[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         groups, inverse = self._plan(token_ids)
         if len(groups) == 1:
-            return self._run(embeddings, token_ids, groups[0][1], deep_prompts)
+            return self._run(embeddings, token_ids, groups[0][1], deep_prompts, injected)
         parts = [
-            self._run(embeddings[rows], token_ids[rows], length, deep_prompts) for rows, length in groups
+            self._run(
+                embeddings[rows],
+                token_ids[rows],
+                length,
+                deep_prompts,
+                None if injected is None else (injected[0], injected[1][rows]),
+            )
+            for rows, length in groups
         ]
         return torch.cat(parts)[inverse]
 
     def _transformer(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None, deep_prompts: list[torch.Tensor] | None
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        deep_prompts: list[torch.Tensor] | None,
+        injected: tuple[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The tower's transformer, replacing positions ``1..n`` before layers ``1..len(deep_prompts)``."""
+        """The tower's transformer, replacing positions ``1..n`` before layers ``1..len(deep_prompts)``
+        and, with ``injected``, before its layer."""
         transformer = self._tower.transformer
-        if not deep_prompts:
+        if not deep_prompts and injected is None:
             return transformer(x, attn_mask=attn_mask)
         batch_first = getattr(transformer, "batch_first", True)
-        n = deep_prompts[0].shape[0]
+        deep_prompts = deep_prompts or []
         for k, block in enumerate(transformer.resblocks):
             if 1 <= k <= len(deep_prompts):
-                prompt = deep_prompts[k - 1].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-                x = torch.cat([x[:, :1], prompt, x[:, 1 + n :]], dim=1)
+                prompt = deep_prompts[k - 1].to(x.dtype)
+                x = _replace_context(x, prompt.unsqueeze(0).expand(x.shape[0], -1, -1))
+            if injected is not None and k == injected[0]:
+                x = _replace_context(x, injected[1].to(x.dtype))
             if batch_first:
                 x = block(x, attn_mask=attn_mask)
             else:
@@ -356,6 +401,7 @@ class TextEncoder(nn.Module):
         token_ids: torch.Tensor,
         length: int,
         deep_prompts: list[torch.Tensor] | None = None,
+        injected: tuple[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """open_clip's text forward on the first ``length`` positions (all of them when not causal)."""
         tower = self._tower
@@ -374,7 +420,7 @@ class TextEncoder(nn.Module):
             pad_mask = tower._build_additive_mask(token_ids, seq_len, x.dtype)
             attn_mask = pad_mask if attn_mask is None else attn_mask.unsqueeze(0) + pad_mask
         x = x + tower.positional_embedding[:seq_len].to(cast_dtype)
-        x = self._transformer(x, attn_mask, deep_prompts)
+        x = self._transformer(x, attn_mask, deep_prompts, injected)
         if cls_emb is not None:
             pooled = tower.ln_final(x[:, -1])
         else:

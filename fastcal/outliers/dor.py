@@ -14,16 +14,28 @@ outlier's tokens: ``PromptLearner.encode_terms``) and ``t_b`` its frozen zero-sh
 dataset's template (the ``OutlierBank`` row). ``L_dor`` is ``fastcal.losses.outlier_drift_loss``.
 ``lambda`` = 8 for CoOp and 2 for the other methods (the paper's reported recipe, ``dor_weight``).
 
-The context the outliers go through, per method:
+What the outliers go through is the method's to say (``PromptMethod.outlier_drift_pair``, from its
+``term_features``):
 
-- CoOp, KgCoOp: the learned context ``ctx`` (a class-specific context: the mean of the class contexts,
-  since an outlier has no class);
-- MaPLe: the learned context and the deep text prompts (``compound_prompts_text``), as its classes;
+- CoOp, KgCoOp, ProGrad: the learned context ``ctx`` (a class-specific context: the mean of the class
+  contexts, since an outlier has no class);
+- MaPLe, PromptSRC: the learned context and the deep text prompts, as their classes;
 - CoCoOp: the batch's image-conditioned context ``ctx + mean_i meta_net(f_i)`` (CoCoOp trains with
-  batch 1, where this is the image's own context); gradients reach the meta-net as well.
+  batch 1, where this is the image's own context); gradients reach the meta-net as well;
+- TCP: the learned context with the class-aware tokens of the outlier's own frozen feature, ``TKE(t_b)``,
+  injected like a class's;
+- VPT: its text is frozen, so the term above is identically zero; fastcal's image-side variant (our
+  construction, not the paper's code, which is not public for VPT) keeps each training image's
+  similarity profile over the outliers where the frozen image encoder put it
+  (``fastcal.methods.vpt.VPT.outlier_drift_pair``).
+
+``lambda`` per base method (``dor_weight``): 8 for CoOp, 2 for the others (KgCoOp, MaPLe, TCP; VPT
+takes the same 2), as the project's notes of the paper read; the paper's implementation details and
+code could not be re-checked here.
 
 ``DORegularizer`` plugs into ``fastcal.runs.train`` as the ``"dor"`` regularizer (``build_dor`` is its
-factory), so it combines with any loss, TCPT's calibrated loss included, and any of these methods.
+factory), so it combines with any loss, TCPT's calibrated loss included, and any method that supports it
+(``PromptMethod.supports_outliers``).
 """
 
 from __future__ import annotations
@@ -41,7 +53,6 @@ from fastcal.outliers.selection import DEFAULT_POOL_SIZE, STRATEGIES, OutlierPoo
 
 DOR_WEIGHTS = {"coop": 8.0}
 DEFAULT_DOR_WEIGHT = 2.0
-DOR_METHODS = ("coop", "cocoop", "kgcoop", "maple")
 OPTIONS = (
     "weight",
     "n_outliers",
@@ -56,31 +67,21 @@ OPTIONS = (
 
 
 def dor_weight(method: str) -> float:
-    """lambda of the paper's recipe: 8 for CoOp, 2 for the other methods."""
+    """lambda per base method (module docstring): 8 for CoOp, 2 for the other methods."""
     return DOR_WEIGHTS.get(method, DEFAULT_DOR_WEIGHT)
 
 
 def tuned_term_features(
-    method: nn.Module, terms: Sequence[str], image_features: torch.Tensor | None = None
+    method: nn.Module,
+    terms: Sequence[str],
+    image_features: torch.Tensor | None = None,
+    frozen_features: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(B, D)`` features of ``terms`` through ``method``'s tuned prompt (module docstring), with
     gradients to the tuned parameters."""
-    learner = getattr(method, "prompt_learner", None)
-    if learner is None or not hasattr(learner, "encode_terms"):
-        raise fail(
-            "method",
-            f"a method with a text prompt learner ({', '.join(DOR_METHODS)})",
-            type(method).__name__,
-        )
-    conditioned = getattr(method, "conditioned_context", None)
-    if conditioned is not None and image_features is not None:
-        ctx = conditioned(image_features).mean(dim=0)
-    else:
-        ctx = learner.ctx
-    if ctx.ndim == 3:
-        ctx = ctx.mean(dim=0)
-    deep = getattr(method, "compound_prompts_text", None)
-    return learner.encode_terms(list(terms), ctx, deep_prompts=list(deep) if deep else None)
+    if not getattr(method, "supports_outliers", False):
+        raise fail("method", "a method with a tuned prompt DOR can regularize", type(method).__name__)
+    return method.term_features(list(terms), image_features=image_features, frozen_features=frozen_features)
 
 
 class DORegularizer:
@@ -133,20 +134,25 @@ class DORegularizer:
             with torch.no_grad():
                 tuned_term_features(self.method, self.terms)
 
-    def drift(self, method: nn.Module, image_features: torch.Tensor | None = None) -> torch.Tensor:
-        """The unweighted ``L_dor`` of the current outliers (epoch 0's when none were drawn yet)."""
+    def drift(self, method: nn.Module, batch: Any = None) -> torch.Tensor:
+        """The unweighted ``L_dor`` of the current outliers (epoch 0's when none were drawn yet): one minus
+        the mean cosine of the rows of ``method.outlier_drift_pair``. ``batch``: the step's
+        ``StepBatch`` (its images condition CoCoOp's context and drive VPT's variant); ``None``: no
+        images."""
         from fastcal.losses import outlier_drift_loss
 
         if self.epoch is None:
             self.on_epoch_start(0)
-        tuned = tuned_term_features(method, self.terms, image_features)
+        if not getattr(method, "supports_outliers", False):
+            raise fail("method", "a method with a tuned prompt DOR can regularize", type(method).__name__)
+        tuned, anchor = method.outlier_drift_pair(self.terms, self.targets, batch)
         if tuned.dtype in (torch.float16, torch.bfloat16):
             tuned = tuned.float()
-        return outlier_drift_loss(tuned, self.targets)
+        return outlier_drift_loss(tuned, anchor)
 
     def __call__(self, batch: Any) -> torch.Tensor:
         """``weight * L_dor`` for a training step (a ``fastcal.methods.objectives.StepBatch``)."""
-        return self.weight * self.drift(batch.method, batch.output.image_features)
+        return self.weight * self.drift(batch.method, batch)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch}
@@ -188,10 +194,8 @@ def build_dor(setup: Any) -> DORegularizer:
     from fastcal.outliers.vocabulary import load_vocabulary
 
     options = _check_options(setup.options)
-    if setup.method_name not in DOR_METHODS:
-        raise fail(
-            "method", "one of " + ", ".join(DOR_METHODS) + " with the 'dor' regularizer", setup.method_name
-        )
+    if not setup.method.supports_outliers:
+        raise fail("method", "a method whose tuned prompt DOR can regularize", setup.method_name)
     strategy = options.get("strategy", "near")
     cache_root = Path(setup.cache_dir) if setup.cache_dir is not None else default_cache_dir()
     vocabulary = None

@@ -74,7 +74,7 @@ class PromptEnsemble(nn.Module):
         parts = [split_template(t) for t in templates]
         encoder = TextEncoder(model, bucket=True)
         self.learners = nn.ModuleList(
-            PromptLearner(encoder, tokenizer, classnames, ctx_init=words, suffix=rest)
+            PromptLearner(encoder, tokenizer, classnames, ctx_init=words, name_template="{}" + rest)
             for words, rest in parts
             if words
         )

@@ -114,7 +114,11 @@ class TPT:
         else:
             words, rest = split_template(templates[0]) if templates else (ctx_init, ".")
             self.learner = PromptLearner(
-                TextEncoder(model, bucket=True), tokenizer, classnames, ctx_init=words, suffix=rest
+                TextEncoder(model, bucket=True),
+                tokenizer,
+                classnames,
+                ctx_init=words,
+                name_template="{}" + rest,
             )
             self.learner.ctx.requires_grad_(False)
             self.packed = None

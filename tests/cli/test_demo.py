@@ -83,7 +83,8 @@ def test_the_whole_demo_runs_every_stage_on_one_shared_testbed(testbed_cache, tm
             assert 0.0 <= metrics["ece"] <= 1.0 and metrics["count"] > 0, (row["method"], group)
             assert metrics["accuracy"] > 0.5, (row["method"], group)  # 5-way: far above chance
     methods = {row["method"] for row in rows}
-    assert {"CoOp", "KgCoOp", "CoCoOp", "MaPLe", "VPT", "TPT", "C-TPT", "FT", "FLYP", "CaRot"} <= methods
+    expected = {"CoOp", "KgCoOp", "CoCoOp", "MaPLe", "VPT", "ProGrad", "PromptSRC", "TCP", "ProDA"}
+    assert expected | {"TPT", "C-TPT", "O-TPT", "FT", "FLYP", "CaRot"} <= methods
     assert ("CoOp + DOR" in methods) == has_wordnet
     printed = capsys.readouterr().out
     assert f"{len(rows)} rows" in printed

@@ -2,6 +2,7 @@
 folder, resumption and errors."""
 
 import json
+import math
 
 import pytest
 
@@ -72,3 +73,44 @@ def test_a_calibration_baseline_on_a_prompted_image_encoder(testbed_cache, tmp_p
     for group in ("base", "new"):
         assert {"aurc", "augrc", "piece"} <= set(results[group])
     assert set(results["hm"]) == {"accuracy", "ece", "mean_ece"}
+
+
+@pytest.fixture(scope="module")
+def words(tmp_path_factory):
+    """A small word list for DOR's outliers (WordNet's bank is built once per machine, outside the tests)."""
+    path = tmp_path_factory.mktemp("words") / "words.txt"
+    path.write_text(
+        "\n".join(["ten", "eleven", "dozen", "digit", "numeral", "letter", "pair", "fox", "cipher"])
+    )
+    return path
+
+
+# Each new method once through the command (every loss among them, DOR with the methods its paper
+# pairs it with, and with ProGrad's gradient rule); each method with each loss: tests/runs/train.
+RUNS = [
+    ("prograd", "calibrated", "dor"),
+    ("promptsrc", "label_smoothing", None),
+    ("tcp", "ce", "dor"),
+    ("proda", "calibrated", None),
+    ("vpt", "calibrated", "dor"),
+]
+
+
+@pytest.mark.parametrize(("method", "loss", "regularizer"), RUNS)
+def test_every_method_trains_on_the_testbed(module_testbed_cache, words, tmp_path, method, loss, regularizer):
+    """``fastcal train`` with each new method on the testbed: its testbed recipe, cut to one epoch of 2
+    shots."""
+    cache = module_testbed_cache
+    output = tmp_path / "run"
+    argv = ["train", "--method", method, "--loss", loss, "--epochs", "1", "--shots", "2", "--batch-size", "5"]
+    if regularizer is not None:
+        options = f"{{dor: {{vocabulary: {words}, n_outliers: 4}}}}"
+        argv += ["--regularizer", regularizer, "--regularizer-options", options]
+    assert main([*argv, "--output", str(output), "--cache-dir", str(cache), "--quiet"]) == 0
+    results = json.loads((output / "results.json").read_text())
+    assert results["config"]["method"] == method and results["config"]["loss"] == loss
+    assert results["config"]["regularizers"] == ([regularizer] if regularizer else [])
+    for group in ("base", "new"):
+        assert 0 <= results[group]["ece"] <= 1 and results[group]["count"] > 0
+    history = results["train"]["history"]
+    assert len(history) == 1 and math.isfinite(history[0]["loss"])

@@ -1,10 +1,13 @@
 """A tiny random-init open_clip CLIP (3-layer ViT and text towers, CLIP's BPE with 77 positions) and
 full-length reference prompts (the reference text forward is the root conftest's ``reference_text``)."""
 
+import copy
+
 import open_clip
 import pytest
 import torch
 
+from fastcal.methods.objectives import RegularizerSetup
 from fastcal.models.clip import LoadedClip
 
 TINY_CFG = {
@@ -47,3 +50,34 @@ def _reference_prompts(model, tokenizer, classnames, ctx):
 @pytest.fixture(scope="session")
 def reference_prompts():
     return _reference_prompts
+
+
+@pytest.fixture(scope="module")
+def double_clip(tiny_clip):
+    """The tiny CLIP in float64 (its own copy), for one-step restatements of the methods' reference code."""
+    model = copy.deepcopy(tiny_clip.model).double().requires_grad_(False)
+    return LoadedClip(model, tiny_clip.tokenizer, None, None)
+
+
+def _run_setup(method, clip, classnames, config, templates=("a photo of a {}.",), name="test"):
+    """The ``RegularizerSetup`` a training run would give a method's regularizers and hooks."""
+    return RegularizerSetup(
+        name=name,
+        method_name=type(method).__name__.lower(),
+        method=method,
+        model=clip.model,
+        model_key="test",
+        tokenizer=clip.tokenizer,
+        classnames=list(classnames),
+        templates=list(templates),
+        frozen_text_features=None,
+        options={},
+        config=dict(config),
+        seed=0,
+        device=torch.device("cpu"),
+    )
+
+
+@pytest.fixture(scope="session")
+def run_setup():
+    return _run_setup

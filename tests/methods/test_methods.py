@@ -192,6 +192,21 @@ TUNED = {
         "compound_prompt_projections.1.bias",
     },
     "vpt": {"visual_prompts.prompts"},
+    "prograd": {"prompt_learner.ctx"},
+    "promptsrc": {
+        "prompt_learner.ctx",
+        "deep_text_prompts.0",
+        "deep_text_prompts.1",
+        "visual_prompts.prompts",
+    },
+    "tcp": {
+        "prompt_learner.ctx",
+        "knowledge_embedding.net.linear1.weight",
+        "knowledge_embedding.net.linear1.bias",
+        "knowledge_embedding.net.linear2.weight",
+        "knowledge_embedding.net.linear2.bias",
+    },
+    "proda": {"ctx"},
 }
 OPTIONS = {
     "coop": {"n_ctx": 4},
@@ -199,6 +214,10 @@ OPTIONS = {
     "cocoop": {"n_ctx": 4},
     "maple": {"n_ctx": 2, "prompt_depth": 3},
     "vpt": {"n_ctx_vision": 2, "vision_depth": 3},
+    "prograd": {"n_ctx": 6, "ctx_init": "a photo of a"},
+    "promptsrc": {"prompt_depth": 3, "n_ctx_vision": 2, "vision_depth": 3},
+    "tcp": {"n_ctx": 4, "inject_layer": 2},
+    "proda": {"n_ctx": 4, "n_prompts": 8},
 }
 
 
@@ -228,6 +247,7 @@ def test_a_step_moves_only_the_tuned_parameters(fresh_clip, name):
     other.load_tuned_state_dict(method.tuned_state_dict())
     method.set_classnames(["violin", "red fox"])
     method.eval()
+    other.eval()  # ProDA scores with all its prompts in evaluation, a subset in training
     with torch.no_grad():
         torch.testing.assert_close(
             other.output(inputs).logits, method.output(inputs).logits, atol=1e-5, rtol=0

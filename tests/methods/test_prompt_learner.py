@@ -168,6 +168,29 @@ def test_random_initialization_statistics(tiny_clip):
     assert abs(float(ctx.std()) - 0.02) < 0.002 and abs(float(ctx.mean())) < 0.002
 
 
+@pytest.mark.parametrize(
+    ("template", "position"),
+    [("{}, a type of pet.", "end"), ("person doing {}.", "end"), ("{} texture.", "front")],
+)
+def test_name_template_puts_dataset_words_around_the_name(tiny_clip, template, position):
+    """TCP's tuned prompts: words of the dataset after the context, around the name (the front layout
+    moves the name alone before the context)."""
+    pl = learner(tiny_clip, n_ctx=4, class_token_position=position, name_template=template)
+    pl.reset_context(word_embeddings(tiny_clip, WORDS))
+    words = " ".join(WORDS)
+    after = template.split("{}")[1]
+    texts = [
+        f"{words} {template.format(name)}" if position == "end" else f"{name} {words}{after}"
+        for name in CLASSNAMES
+    ]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            pl(), tiny_clip.model.encode_text(tiny_clip.tokenizer(texts)), atol=2e-5, rtol=0
+        )
+        # the terms of DOR go through the same template
+        torch.testing.assert_close(pl.encode_terms(CLASSNAMES[:2]), pl()[:2], atol=2e-5, rtol=0)
+
+
 def test_invalid_arguments(tiny_clip):
     with pytest.raises(ValueError, match="class_token_position"):
         learner(tiny_clip, class_token_position="left")
@@ -177,6 +200,10 @@ def test_invalid_arguments(tiny_clip):
         learner(tiny_clip, n_ctx=0)
     with pytest.raises(ValueError, match="n_learned"):
         learner(tiny_clip, ctx_init="a photo", n_learned=3)
+    with pytest.raises(ValueError, match="name_template"):
+        learner(tiny_clip, name_template="no name")
+    with pytest.raises(ValueError, match="name_template: expected a template starting with the name"):
+        learner(tiny_clip, name_template="person doing {}.", class_token_position="middle")
     pl = learner(tiny_clip, n_ctx=4)
     with pytest.raises(ValueError, match="ctx"):
         pl(torch.zeros(4, 63))

@@ -3,7 +3,9 @@
 in float64 (KgCoOp: CE + w (1 - mean cos(t_c, t0_c)), then SGD), regularizer and option checks, resume."""
 
 import copy
+import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -138,3 +140,73 @@ def test_resuming_a_step_continues_exactly(clip64):
     step(images, labels)
     for name, value in method.tuned_state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0)
+
+
+def run_in_a_plain_loop(name, config, options):
+    """``training_step`` in a user's loop over the testbed's base classes, with the command's resolved
+    settings (``results.json``): the epoch losses and the tuned state."""
+    from fastcal.data.items import ImageListDataset
+    from fastcal.data.testbed import digits_splits
+    from fastcal.models.testbed import load_testbed_clip
+    from fastcal.runs.train.data import epoch_batches, run_data
+    from fastcal.runs.train.loop import learning_rate_factor
+
+    clip = load_testbed_clip()
+    data = run_data(digits_splits(), shots=config["shots"], seed=config["seed"], protocol="base2new")
+    torch.manual_seed(config["seed"])  # the command seeds its generators before building the method
+    method = build_method(name, clip.model, clip.tokenizer, data.train_classnames, **options)
+    optimizer = torch.optim.SGD(
+        [p for _, p in method.tuned_parameters()],
+        lr=config["lr"],
+        momentum=config["momentum"],
+        weight_decay=config["weight_decay"],
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda e: learning_rate_factor(
+            e, epochs=config["epochs"], lr=config["lr"], warmup_epochs=0, warmup_lr=config["warmup_lr"]
+        ),
+    )
+    step = training_step(method, "ce", optimizer, templates=data.templates[:1], settings=config)
+    dataset = ImageListDataset(data.train_items, data.train_classnames, clip.eval_transform)
+    images, labels = zip(*dataset, strict=True)
+    inputs, labels = method.prepare_inputs(torch.stack(images)), torch.tensor(labels)
+    take = step.from_features if method.input_kind == "features" else step
+    losses = []
+    for epoch in range(config["epochs"]):
+        step.start_epoch(epoch)
+        batches = epoch_batches(len(labels), config["batch_size"], seed=config["seed"], epoch=epoch)
+        total = sum(take(inputs[b], labels[b]).loss * len(b) for b in batches)
+        losses.append(float(total) / sum(len(b) for b in batches))
+        schedule.step()
+        step.end_epoch()
+    return losses, method.tuned_state_dict()
+
+
+@pytest.mark.parametrize(
+    ("name", "settings", "options"),
+    [
+        ("prograd", ["--epochs", "3"], ("n_ctx",)),
+        (
+            "promptsrc",
+            ["--epochs", "2", "--batch-size", "4", "--gpa-mean", "1"],
+            ("prompt_depth", "vision_depth"),
+        ),
+    ],
+)
+def test_a_user_loop_with_training_step_equals_the_command(testbed_cache, tmp_path, name, settings, options):
+    """ProGrad's gradient rule and PromptSRC's self-regulation and epoch-end aggregation act inside the
+    step, so a plain loop takes the command's steps: same epoch losses, same final prompts."""
+    from fastcal.cli import main
+
+    run = tmp_path / name
+    common = ["--shots", "2", "--warmup-epochs", "0", "--no-augment", "--output", str(run), "--quiet"]
+    assert main(["train", "--method", name, *settings, *common]) == 0
+    results = json.loads((run / "results.json").read_text())
+    config = results["config"]
+    losses, tuned = run_in_a_plain_loop(name, config, {key: config[key] for key in options})
+    history = [entry["loss"] for entry in results["train"]["history"]]
+    np.testing.assert_allclose(losses, history, rtol=1e-5)
+    saved = torch.load(run / "prompt.pt", weights_only=True)["tuned"]
+    assert tuned.keys() == saved.keys()
+    torch.testing.assert_close(tuned, saved, atol=1e-6, rtol=1e-5)

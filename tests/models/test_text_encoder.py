@@ -174,6 +174,39 @@ def test_encode_embeddings_with_injected_context_matches_full_forward(models):
     _assert_close_to_scale(grad, expected_grad)
 
 
+@pytest.mark.parametrize(("layer", "bucket"), [(0, False), (1, False), (1, True)])
+def test_injected_tokens_replace_the_context_before_their_layer(models, layer, bucket):
+    """TCP-style: per-row tokens replace positions 1..n before one layer (a pre-hook on that layer of
+    open_clip's full-length forward is the reference), in the rows' order whatever the buckets."""
+    model = models["tiny"]
+    assert model.transformer.batch_first
+    encoder = TextEncoder(model, bucket=bucket, bucket_overhead_tokens=0)
+    names = ("tench", "great white shark and a very long name", "cat", "stone bridge over the river")
+    token_ids = _tokens(model, ["X X X " + c + "." for c in names])
+    generator = torch.Generator().manual_seed(2)
+    tokens = torch.randn(4, 3, 64, generator=generator, requires_grad=True)
+    embeddings = encoder.token_embedding(token_ids).detach()
+
+    def replace(module, args):
+        x = args[0]
+        return (torch.cat([x[:, :1], tokens, x[:, 4:]], dim=1), *args[1:])
+
+    handle = model.transformer.resblocks[layer].register_forward_pre_hook(replace)
+    try:
+        expected = model.encode_text(token_ids)
+    finally:
+        handle.remove()
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), tokens)
+    features = encoder.encode_embeddings(embeddings, token_ids, injected=(layer, tokens))
+    (grad,) = torch.autograd.grad(features.square().sum(), tokens)
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=0)
+    _assert_close_to_scale(grad, expected_grad)
+    with pytest.raises(ValueError, match="injected: expected a layer in"):
+        encoder.encode_embeddings(embeddings, token_ids, injected=(2, tokens))
+    with pytest.raises(ValueError, match="injected tokens: expected shape"):
+        encoder.encode_embeddings(embeddings, token_ids, injected=(1, tokens[:2]))
+
+
 def test_non_causal_mask_falls_back_to_full_length(tiny_source):
     model = load_clip(tiny_source()).model
     token_ids = _tokens(model, _prompts(4, seed=5, max_words=5))

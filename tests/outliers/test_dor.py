@@ -13,6 +13,10 @@ from torch import nn
 from fastcal.methods.cocoop import CoCoOp
 from fastcal.methods.coop import CoOp
 from fastcal.methods.maple import MaPLe
+from fastcal.methods.objectives import StepBatch
+from fastcal.methods.proda import ProDA
+from fastcal.methods.tcp import TCP
+from fastcal.methods.vpt import VPT
 from fastcal.models.fingerprint import model_fingerprint
 from fastcal.outliers.bank import OutlierBank
 from fastcal.outliers.dor import DORegularizer, build_dor, dor_weight, tuned_term_features
@@ -60,6 +64,7 @@ def _reference_term_features(model, tokenizer, terms, ctx):
 def test_dor_weights_follow_the_papers_recipe():
     assert dor_weight("coop") == 8.0
     assert dor_weight("cocoop") == dor_weight("kgcoop") == dor_weight("maple") == 2.0
+    assert dor_weight("tcp") == dor_weight("vpt") == 2.0
 
 
 def test_drift_is_zero_while_the_context_is_the_template(tiny_clip, tmp_path):
@@ -161,6 +166,47 @@ def test_maple_outliers_go_through_the_deep_text_prompts(tiny_clip, tmp_path):
     assert method.prompt_learner.ctx.grad is not None
 
 
+def test_tcp_outliers_get_class_tokens_from_their_frozen_features(tiny_clip, tmp_path):
+    """TCP: an outlier's tuned feature is its word in the tuned template with TKE(t_o) injected, t_o its
+    frozen feature (the pool's target); gradients reach the context and the TKE."""
+    model, tokenizer = tiny_clip
+    method = TCP(copy.deepcopy(model), tokenizer, CLASSNAMES, inject_layer=2)
+    dor = DORegularizer(_pool(model, tokenizer, tmp_path), weight=2.0, n_outliers=4)
+    dor.on_epoch_start(0)
+    tuned, anchor = method.outlier_drift_pair(dor.terms, dor.targets)
+    torch.testing.assert_close(anchor, dor.targets)
+    layer, tokens = method.class_tokens(dor.targets)
+    expected = method.prompt_learner.encode_terms(dor.terms, injected=(layer, tokens))
+    torch.testing.assert_close(tuned, expected)
+    dor(SimpleNamespace(method=method, output=SimpleNamespace(image_features=None))).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in method.tuned_parameters())
+
+
+def test_vpt_outliers_keep_the_images_similarity_profiles(tiny_clip, tmp_path):
+    """VPT's text is frozen (the text-side drift would be zero); fastcal's image-side DOR compares, per
+    image, the centered cosines to the outliers' frozen features under the prompted and the frozen image
+    encoder."""
+    model, tokenizer = tiny_clip
+    method = VPT(copy.deepcopy(model), tokenizer, CLASSNAMES, n_ctx_vision=2, vision_depth=2)
+    images = torch.randn(3, 3, 32, 32)
+    out = method.output(images)
+    batch = StepBatch(out, torch.tensor([0, 1, 2]), method, None, 0, images)
+    dor = DORegularizer(_pool(model, tokenizer, tmp_path), weight=2.0, n_outliers=5)
+    dor.on_epoch_start(0)
+    loss = dor(batch)
+    with torch.no_grad():
+        frozen = F.normalize(model.encode_image(images), dim=-1) @ dor.targets.T
+        tuned = F.normalize(method.encode_images(images), dim=-1) @ dor.targets.T
+        centered = [x - x.mean(dim=1, keepdim=True) for x in (tuned, frozen)]
+    expected = 2.0 * (1 - F.cosine_similarity(*centered, dim=-1).mean())
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
+    assert float(loss.detach()) > 0
+    loss.backward()
+    assert method.visual_prompts.prompts.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="batch"):
+        method.outlier_drift_pair(dor.terms, dor.targets)
+
+
 def test_outliers_are_redrawn_per_epoch_and_restored_on_resume(tiny_clip, tmp_path):
     model, tokenizer = tiny_clip
     pool = _pool(model, tokenizer, tmp_path)
@@ -227,8 +273,9 @@ def test_factory_errors(tiny_clip, tmp_path):
     method = CoOp(copy.deepcopy(model), tokenizer, CLASSNAMES)
     with pytest.raises(ValueError, match=r"regularizer_options\['dor'\]: expected options among"):
         build_dor(_setup(model, tokenizer, "coop", method, {"lambda": 3}, tmp_path))
-    with pytest.raises(ValueError, match="method: expected one of coop, cocoop, kgcoop, maple"):
-        build_dor(_setup(model, tokenizer, "vpt", method, {}, tmp_path))
+    proda = ProDA(copy.deepcopy(model), tokenizer, CLASSNAMES, n_ctx=4, n_prompts=4)
+    with pytest.raises(ValueError, match="method: expected a method whose tuned prompt DOR can regularize"):
+        build_dor(_setup(model, tokenizer, "proda", proda, {}, tmp_path))
     with pytest.raises(ValueError, match="strategy"):
         build_dor(_setup(model, tokenizer, "coop", method, {"strategy": "nearest"}, tmp_path))
     with pytest.raises(FileNotFoundError, match="vocabulary: no such file"):
@@ -330,7 +377,10 @@ def test_demo_row_says_so_without_wordnet(monkeypatch, tmp_path):
     assert "CoOp + DOR (not run: no WordNet" in table
 
 
-@pytest.mark.parametrize(("method", "loss"), [("kgcoop", "calibrated"), ("cocoop", "ce"), ("maple", "ce")])
+@pytest.mark.parametrize(
+    ("method", "loss"),
+    [("kgcoop", "calibrated"), ("cocoop", "ce"), ("maple", "ce"), ("tcp", "label_smoothing"), ("vpt", "ce")],
+)
 def test_dor_trains_with_the_other_methods(tiny_clip, tmp_path, method, loss):
     """One epoch of each other method with DOR (KgCoOp with TCPT's calibrated loss too)."""
     from fastcal.data.items import DatasetSplits

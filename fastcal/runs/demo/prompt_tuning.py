@@ -106,22 +106,62 @@ def coop_calibrated_stage(ctx: DemoContext) -> list[Row]:
     return run_stage(ctx, "coop_calibrated", "coop", "calibrated", "CoOp + calibrated loss")
 
 
-def coop_dor_stage(ctx: DemoContext) -> list[Row]:
-    """CoOp with DOR (WordNet near-OOD outliers, lambda 8); without WordNet, a row that says so
+def dor_stage(ctx: DemoContext, stage: str, method: str, title: str) -> list[Row]:
+    """``method`` with DOR (WordNet near-OOD outliers, its lambda); without WordNet, a row that says so
     (``fastcal wordnet`` sets it up)."""
     from fastcal.outliers.wordnet import WordNetNotFoundError, ensure_wordnet
 
     try:
         ensure_wordnet()
     except WordNetNotFoundError as err:
-        title = "CoOp + DOR (not run: no WordNet; see `fastcal wordnet`)"
-        return [{"section": SECTION, "method": title, "metrics": {}, "notes": {"skipped": str(err)}}]
-    return run_stage(ctx, "coop_dor", "coop", title="CoOp + DOR", regularizers=("dor",))
+        skipped = f"{title} (not run: no WordNet; see `fastcal wordnet`)"
+        return [{"section": SECTION, "method": skipped, "metrics": {}, "notes": {"skipped": str(err)}}]
+    return run_stage(ctx, stage, method, title=title, regularizers=("dor",))
+
+
+def coop_dor_stage(ctx: DemoContext) -> list[Row]:
+    """CoOp with DOR (lambda 8)."""
+    return dor_stage(ctx, "coop_dor", "coop", "CoOp + DOR")
 
 
 def kgcoop_stage(ctx: DemoContext) -> list[Row]:
     """KgCoOp (CoOp + knowledge guidance, weight 8)."""
     return run_stage(ctx, "kgcoop", "kgcoop")
+
+
+def kgcoop_dor_stage(ctx: DemoContext) -> list[Row]:
+    """KgCoOp with DOR (lambda 2)."""
+    return dor_stage(ctx, "kgcoop_dor", "kgcoop", "KgCoOp + DOR")
+
+
+def prograd_stage(ctx: DemoContext) -> list[Row]:
+    """ProGrad (CoOp with the prompt-aligned gradient rule), cross-entropy."""
+    return run_stage(ctx, "prograd", "prograd")
+
+
+def prograd_calibrated_stage(ctx: DemoContext) -> list[Row]:
+    """ProGrad's rule on TCPT's calibrated loss."""
+    return run_stage(ctx, "prograd_calibrated", "prograd", "calibrated", "ProGrad + calibrated loss")
+
+
+def tcp_stage(ctx: DemoContext) -> list[Row]:
+    """TCP (class-aware tokens from the textual knowledge embedding), cross-entropy."""
+    return run_stage(ctx, "tcp", "tcp")
+
+
+def tcp_dor_stage(ctx: DemoContext) -> list[Row]:
+    """TCP with DOR (lambda 2; the outliers get class tokens from their own frozen features)."""
+    return dor_stage(ctx, "tcp_dor", "tcp", "TCP + DOR")
+
+
+def proda_stage(ctx: DemoContext) -> list[Row]:
+    """ProDA (a Gaussian over 32 prompts, scored with their mean), cross-entropy."""
+    return run_stage(ctx, "proda", "proda")
+
+
+def promptsrc_stage(ctx: DemoContext) -> list[Row]:
+    """PromptSRC (deep prompts in both towers, self-regulation, Gaussian aggregation), cross-entropy."""
+    return run_stage(ctx, "promptsrc", "promptsrc")
 
 
 def cocoop_stage(ctx: DemoContext) -> list[Row]:
@@ -134,6 +174,16 @@ def maple_stage(ctx: DemoContext) -> list[Row]:
     return run_stage(ctx, "maple", "maple")
 
 
+def maple_dor_stage(ctx: DemoContext) -> list[Row]:
+    """MaPLe with DOR (lambda 2; the outliers go through the deep text prompts)."""
+    return dor_stage(ctx, "maple_dor", "maple", "MaPLe + DOR")
+
+
 def vpt_stage(ctx: DemoContext) -> list[Row]:
     """VPT (deep), cross-entropy."""
     return run_stage(ctx, "vpt", "vpt")
+
+
+def vpt_dor_stage(ctx: DemoContext) -> list[Row]:
+    """VPT with fastcal's image-side DOR (lambda 2; ``fastcal.methods.vpt.VPT.outlier_drift_pair``)."""
+    return dor_stage(ctx, "vpt_dor", "vpt", "VPT + DOR (image side)")

@@ -15,6 +15,7 @@ from typing import Any
 from fastcal import registry
 from fastcal._checks import check_choice, check_device, check_int, check_number, fail
 from fastcal.data.registry import DATASETS
+from fastcal.data.templates import check_template
 from fastcal.metrics.functional import MAX_BINS
 from fastcal.runs.options import Settings, setting
 
@@ -23,16 +24,19 @@ FROZEN_TEMPLATES = ("hard", "ensemble")
 DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-B-16", "openai"
 TESTBED_MODEL = "fastcal-testbed"
 PRECISIONS = ("fp32", "fp16", "bf16")
+OPTIMIZERS = ("sgd", "adam")
 RANDOM_INIT = "none"
 # Settings that may differ between a run and its resumption (they do not change the result).
 RESUME_FREE_KEYS = ("output", "resume", "overwrite", "progress", "num_workers", "cache_dir", "device", "root")
 SCHEDULE_KEYS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs", "warmup_lr")
+DEFAULT_OPTIMIZER = "sgd"
 
 
 @dataclass
 class TrainConfig(Settings):
     """Everything a training run depends on; ``None`` means "the method's recipe value". Optimization is
-    SGD with a cosine schedule after a constant warm-up, as Dassl runs CoOp (``fastcal.runs.train.loop``)."""
+    SGD (Adam where the recipe says so: TCP) with a cosine schedule after a constant warm-up, as Dassl
+    runs CoOp (``fastcal.runs.train.loop``)."""
 
     method: str = setting("coop", help="prompt method: " + ", ".join(registry.names("prompt_method")))
     loss: str = setting(
@@ -64,10 +68,32 @@ class TrainConfig(Settings):
     class_specific: bool = setting(False, help="one context per class (CoOp's CSC)")
     class_token_position: str = setting("end", help="class name position: end, middle or front")
     init_std: float = setting(0.02, help="std of a random context initialization")
-    prompt_depth: int | None = setting(None, help="MaPLe: layers with prompts (recipe)")
-    n_ctx_vision: int | None = setting(None, help="VPT: visual prompt tokens (recipe)")
-    vision_depth: int | None = setting(None, help="VPT: layers with visual prompts (recipe)")
-    text_template: str | None = setting(None, help="VPT: the hand-crafted text prompt (recipe)")
+    prompt_depth: int | None = setting(None, help="MaPLe, PromptSRC: text layers with prompts (recipe)")
+    n_ctx_vision: int | None = setting(None, help="VPT, PromptSRC: visual prompt tokens (recipe)")
+    vision_depth: int | None = setting(None, help="VPT, PromptSRC: layers with visual prompts (recipe)")
+    text_template: str | None = setting(
+        None,
+        help="the fixed hand-crafted prompt of VPT (its classifier), ProGrad (its teacher; unset: the "
+        "dataset's) and TCP (its class knowledge) (recipe)",
+    )
+    name_template: str | None = setting(
+        None, help="TCP: the text after the context, {} the class name (recipe, per dataset)"
+    )
+    prograd_lambda: float | None = setting(
+        None, help="ProGrad: share of the gradient's conflict with the zero-shot teacher removed (recipe)"
+    )
+    text_loss_weight: float | None = setting(None, help="PromptSRC: weight of the text L1 agreement (recipe)")
+    image_loss_weight: float | None = setting(
+        None, help="PromptSRC: weight of the image L1 agreement (recipe)"
+    )
+    gpa_mean: float | None = setting(None, help="PromptSRC: mean epoch of the prompt aggregation (recipe)")
+    gpa_std: float | None = setting(None, help="PromptSRC: std (epochs) of the prompt aggregation (recipe)")
+    inject_layer: int | None = setting(
+        None, help="TCP: text layer before which the class-aware tokens enter (recipe)"
+    )
+    n_prompts: int | None = setting(None, help="ProDA: prompts in the distribution (recipe)")
+    prompt_batch: int | None = setting(None, help="ProDA: prompts per training step (recipe)")
+    diversity_weight: float | None = setting(None, help="ProDA: weight of the prompt diversity term (recipe)")
 
     margin_alpha: float = setting(0.1, help="calibrated loss: weight of the mean logit margin")
     margin_beta: float = setting(0.01, help="calibrated loss: weight of the margin variance")
@@ -98,9 +124,11 @@ class TrainConfig(Settings):
 
     epochs: int | None = setting(None, help="training epochs (recipe)")
     batch_size: int | None = setting(None, help="batch size (recipe)")
-    lr: float | None = setting(None, help="SGD learning rate (recipe)")
+    optimizer: str | None = setting(None, help="sgd or adam (recipe; unset there: sgd)")
+    lr: float | None = setting(None, help="learning rate (recipe)")
     momentum: float | None = setting(None, help="SGD momentum (recipe)")
-    weight_decay: float | None = setting(None, help="SGD weight decay (recipe)")
+    weight_decay: float | None = setting(None, help="weight decay, added to the gradient (recipe)")
+    adam_eps: float | None = setting(None, help="Adam's epsilon (recipe; unset: 1e-8)")
     warmup_epochs: int | None = setting(None, help="epochs at the constant warm-up rate (recipe)")
     warmup_lr: float | None = setting(None, help="warm-up learning rate (recipe)")
 
@@ -125,6 +153,8 @@ class TrainConfig(Settings):
         check_choice("protocol", self.protocol, PROTOCOLS)
         check_choice("frozen_templates", self.frozen_templates, FROZEN_TEMPLATES)
         check_choice("precision", self.precision, PRECISIONS)
+        if self.optimizer is not None:
+            check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_device("device", self.device)
         self._check_model()
         check_int("shots", self.shots, minimum=1)
@@ -132,19 +162,37 @@ class TrainConfig(Settings):
         check_int("n_bins", self.n_bins, minimum=1, maximum=MAX_BINS)
         check_int("eval_batch_size", self.eval_batch_size, minimum=1)
         check_int("num_workers", self.num_workers, minimum=0)
-        for name in ("n_ctx", "prompt_depth", "n_ctx_vision", "vision_depth", "epochs", "batch_size"):
+        for name in (
+            "n_ctx",
+            "prompt_depth",
+            "n_ctx_vision",
+            "vision_depth",
+            "n_prompts",
+            "prompt_batch",
+            "epochs",
+            "batch_size",
+        ):
             value = getattr(self, name)
             if value is not None:
                 check_int(name, value, minimum=1)
-        for name in ("warmup_epochs",):
+        for name in ("warmup_epochs", "inject_layer"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), minimum=0)
         if self.augment_epochs is not None:
             check_int("augment_epochs", self.augment_epochs, minimum=1)
-        for name in ("lr", "warmup_lr"):
+        for name in ("lr", "warmup_lr", "adam_eps", "gpa_std"):
             if getattr(self, name) is not None:
                 check_number(name, getattr(self, name), minimum=0.0, strict_minimum=True)
-        for name in ("momentum", "weight_decay", "kgcoop_weight", "margin_alpha", "margin_beta"):
+        for name in (
+            "momentum",
+            "weight_decay",
+            "kgcoop_weight",
+            "margin_alpha",
+            "margin_beta",
+            "text_loss_weight",
+            "image_loss_weight",
+            "diversity_weight",
+        ):
             if getattr(self, name) is not None:
                 check_number(name, getattr(self, name), minimum=0.0)
         for name in (
@@ -157,6 +205,11 @@ class TrainConfig(Settings):
             "zeroshot_penalty_weight",
         ):
             check_number(name, getattr(self, name), minimum=0.0)
+        for name in ("text_template", "name_template"):
+            if getattr(self, name) is not None:
+                check_template(name, getattr(self, name))
+        if self.prograd_lambda is not None:
+            check_number("prograd_lambda", self.prograd_lambda, minimum=0.0, maximum=1.0)
         check_number("init_std", self.init_std, minimum=0.0, strict_minimum=True)
         if self.label_smoothing is not None:
             check_number("label_smoothing", self.label_smoothing, minimum=0.0, maximum=1.0)
@@ -191,8 +244,8 @@ class TrainConfig(Settings):
                 raise fail("model", "an open_clip architecture (open_clip.list_models())", repr(self.model))
 
     def resolved(self) -> TrainConfig:
-        """This config with the method's recipe filling every ``None`` it has a value for (on the
-        embedded testbed, the method's testbed schedule first), and the loss's defaults."""
+        """This config with the method's recipe filling every ``None`` it has a value for (its values for
+        the dataset first, or on the embedded testbed its testbed schedule), and the loss's defaults."""
         from fastcal.methods.base import get_method
         from fastcal.methods.objectives import loss_options
 
@@ -201,9 +254,12 @@ class TrainConfig(Settings):
         recipe = dict(spec.recipe)
         if self.dataset is None:
             recipe.update(spec.testbed_recipe)
+        else:
+            recipe.update(spec.dataset_recipes.get(self.dataset, {}))
         for key, value in recipe.items():
             if values.get(key) is None:
                 values[key] = value
+        values["optimizer"] = values["optimizer"] or DEFAULT_OPTIMIZER
         if self.dataset is None:
             values["model"] = TESTBED_MODEL
         else:

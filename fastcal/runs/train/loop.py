@@ -1,15 +1,17 @@
 """The thin training loop: build the method, run the epochs, checkpoint, evaluate, write the results.
 
-Optimization follows Dassl as CoOp, CoCoOp, KgCoOp, MaPLe and VPT run it (KaiyangZhou/Dassl.pytorch
-``dassl/optim``): SGD (momentum, weight decay, no dampening) over the tuned parameters only, and a
-learning rate per epoch ``e`` of::
+Optimization follows Dassl as the prompt-learning methods run it (KaiyangZhou/Dassl.pytorch
+``dassl/optim``): SGD (momentum, weight decay, no dampening), or Adam where the recipe says so (TCP;
+``torch.optim.Adam`` with betas (0.9, 0.999), weight decay added to the gradient), over the tuned
+parameters only, and a learning rate per epoch ``e`` of::
 
     lr(e) = warmup_lr                                                   e <  warmup_epochs
     lr(e) = lr * (1 + cos(pi * (e - warmup_epochs) / epochs)) / 2        e >= warmup_epochs
 
 (``ConstantWarmupScheduler`` over ``CosineAnnealingLR(T_max=epochs)`` with the warm-up recounted),
 stepped once per epoch. On CUDA with ``amp`` the forward runs under fp16 autocast with a gradient
-scaler.
+scaler. Each step is the method's ``fastcal.methods.training.TrainingStep`` (the objective, the method's
+gradient rule: ProGrad's), and each epoch ends with its epoch-end hooks (PromptSRC's aggregation).
 
 Frozen image encoders (CoOp, CoCoOp, KgCoOp) never run in the loop: each epoch reads that epoch's
 cached augmented features (``fastcal.models.cache.image_features``); prompted ones (VPT, MaPLe) encode
@@ -17,7 +19,8 @@ the epoch's seeded views. Text always goes through the exact truncated encoder o
 Per-step statistics stay on the device and are read once per epoch.
 
 Every epoch ends with an atomic checkpoint (``checkpoint.pt``: tuned parameters, optimizer, scheduler,
-scaler, regularizer states, every random generator, the history); ``resume=True`` continues from it and
+scaler, regularizer and hook states, the method's state between steps, every random generator, the
+history); ``resume=True`` continues from it and
 gives the same result as an uninterrupted run. At the end: ``results.json`` (``{"base": report, "new":
 report, "hm": {"accuracy"}, "config": ...}``, or ``{"all": report, ...}``; each report is
 ``fastcal.metrics.calibration_report`` with ``n_bins`` recorded), ``reliability_<group>.png`` and the
@@ -194,10 +197,7 @@ def prepare(
         )
 
     regularizers = build_regularizers([*spec.regularizers, *config.regularizers], setup)
-    params = [p for _, p in method.tuned_parameters()]
-    optimizer = torch.optim.SGD(
-        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, dampening=0.0
-    )
+    optimizer = build_optimizer([p for _, p in method.tuned_parameters()], config)
 
     def factor(epoch: int) -> float:
         return learning_rate_factor(
@@ -216,8 +216,13 @@ def prepare(
         optimizer,
         loss_options={key: settings[key] for key in registry.get("loss", config.loss).options},
         regularizers=regularizers,
+        templates=data.templates,
         frozen_text_features=frozen,
+        settings=settings,
+        seed=config.seed,
+        cache_dir=config.cache_dir,
         amp=config.amp,
+        progress=config.progress,
     )
     return Run(
         config=config,
@@ -230,6 +235,18 @@ def prepare(
         step=step,
         scheduler=scheduler,
         train_transform=train_transform_for(config, clip),
+    )
+
+
+def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or Adam over ``params`` with the config's settings, as Dassl's ``build_optimizer`` makes them."""
+    if config.optimizer == "adam":
+        eps = 1e-8 if config.adam_eps is None else config.adam_eps
+        return torch.optim.Adam(
+            params, lr=config.lr, betas=(0.9, 0.999), eps=eps, weight_decay=config.weight_decay
+        )
+    return torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, dampening=0.0
     )
 
 
@@ -295,6 +312,7 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
         correct += (result.logits.argmax(dim=1) == batch_labels).sum()
         seen += n
     run.scheduler.step()
+    step.end_epoch()
     mean_loss = float(loss_sum) / max(seen, 1)
     if not math.isfinite(mean_loss):
         raise FloatingPointError(

@@ -36,6 +36,22 @@ def test_testbed_schedule_applies_without_a_dataset():
     assert TrainConfig(loss="label_smoothing").resolved().label_smoothing == 0.1
 
 
+def test_dataset_recipes_apply_on_their_dataset_only():
+    """The per-dataset values of a method's code (TCP's templates and ImageNet / SUN397 epochs, ProGrad's
+    teacher templates) sit between its recipe and the user's settings."""
+    ucf = TrainConfig(method="tcp", dataset="ucf101", root="/d").resolved()
+    assert ucf.name_template == "person doing {}." and ucf.text_template == "a photo of a person doing {}."
+    assert ucf.epochs == 50 and ucf.optimizer == "adam" and ucf.adam_eps == 1e-3
+    assert TrainConfig(method="tcp", dataset="sun397", root="/d").resolved().epochs == 25
+    assert TrainConfig(method="tcp", dataset="sun397", root="/d", epochs=3).resolved().epochs == 3
+    testbed = TrainConfig(method="tcp").resolved()
+    assert testbed.name_template == "{}." and testbed.inject_layer == 2
+    pets = TrainConfig(method="prograd", dataset="oxford_pets", root="/d").resolved()
+    assert pets.ctx_init == "a type of pet, a photo of a" and pets.n_ctx == 16
+    assert TrainConfig(method="prograd").resolved().text_template is None  # the testbed's own prompt
+    assert TrainConfig(method="coop").resolved().optimizer == "sgd"
+
+
 def test_command_line_strings_are_typed():
     config = TrainConfig.from_dict(
         {
@@ -76,6 +92,11 @@ def test_command_line_strings_are_typed():
         ({"margin_alpha": -0.1}, "margin_alpha: expected a number >= 0"),
         ({"dataset": "dtd"}, "root"),
         ({"regularizer_options": {"dor": {}}}, "regularizer_options"),
+        ({"optimizer": "adamw"}, "optimizer: expected one of 'sgd', 'adam'"),
+        ({"prograd_lambda": 1.5}, "prograd_lambda"),
+        ({"gpa_std": 0.0}, "gpa_std"),
+        ({"name_template": "no name"}, "name_template"),
+        ({"inject_layer": -1}, "inject_layer"),
     ],
 )
 def test_invalid_values(values, match):

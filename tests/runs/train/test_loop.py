@@ -10,7 +10,7 @@ import torch
 
 from fastcal import registry
 from fastcal.data.protocols import base_new_split
-from fastcal.methods.objectives import StatelessRegularizer
+from fastcal.methods.objectives import StatelessRegularizer, TrainingHook
 from fastcal.runs.train import TrainConfig, load_prompt, predict, train
 from fastcal.runs.train.data import epoch_batches, run_data
 from fastcal.runs.train.loop import CHECKPOINT_NAME, PROMPT_NAME, RESULTS_NAME, learning_rate_factor
@@ -145,6 +145,95 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_clip, synthetic_splits, coun
     assert whole["train"]["history"] == resumed["train"]["history"]
     if counting:
         assert counting[-1].epochs == [0, 1, 2] and counting[-1].calls == counting[0].calls
+
+
+class HalvingRule(TrainingHook):
+    """A gradient rule and epoch-end hook for the test: back-propagates half the objective, counts."""
+
+    name = "halving"
+    forms_gradient = True
+
+    def __init__(self, setup):
+        self.steps, self.epochs = 0, []
+
+    def backward(self, objective, batch, parameters, scaler):
+        self.steps += 1
+        assert (
+            batch.inputs is not None
+            and batch.frozen_image_features.shape == batch.output.image_features.shape
+        )
+        super().backward(0.5 * objective, batch, parameters, scaler)
+
+    def on_epoch_end(self, epoch):
+        self.epochs.append(epoch)
+
+    def state_dict(self):
+        return {"steps": self.steps, "epochs": list(self.epochs)}
+
+    def load_state_dict(self, state):
+        self.steps, self.epochs = state["steps"], list(state["epochs"])
+
+
+@pytest.fixture
+def halving():
+    from dataclasses import replace
+
+    from fastcal.methods.base import get_method
+
+    created = []
+
+    def factory(setup):
+        created.append(HalvingRule(setup))
+        return created[-1]
+
+    factory.name = "halving"
+    spec = replace(get_method("coop"), name="halved", hooks=(factory,))
+    with registry.registered("prompt_method", "halved", spec):
+        yield created
+
+
+def test_a_gradient_rule_forms_the_step_and_epoch_hooks_run(tmp_path, tiny_clip, synthetic_splits, halving):
+    """Without weight decay, back-propagating half the objective is training at half the rates; the
+    hook's state survives an interruption."""
+    values = {"weight_decay": 0.0, "n_ctx": 4, "ctx_init": ""}
+    ruled = train(
+        config(tmp_path, "ruled", method="halved", **values), clip=tiny_clip, splits=synthetic_splits
+    )
+    half = config(tmp_path, "half", method="coop", lr=0.025, warmup_lr=5e-6, **values)
+    plain = train(half, clip=tiny_clip, splits=synthetic_splits)
+    a = torch.load(tmp_path / "ruled" / PROMPT_NAME, weights_only=False)["tuned"]
+    b = torch.load(tmp_path / "half" / PROMPT_NAME, weights_only=False)["tuned"]
+    torch.testing.assert_close(a["prompt_learner.ctx"], b["prompt_learner.ctx"], rtol=1e-5, atol=1e-7)
+    assert ruled["base"]["count"] == plain["base"]["count"]
+    assert halving[0].epochs == [0, 1, 2] and halving[0].steps == 3 * 2  # 4 shots of 4 base classes, batch 8
+    stopped = config(tmp_path, "stopped", method="halved", **values)
+    train(stopped, clip=tiny_clip, splits=synthetic_splits, stop_after=2)
+    train(stopped.replace(resume=True), clip=tiny_clip, splits=synthetic_splits)
+    assert halving[-1].epochs == [0, 1, 2] and halving[-1].steps == 6
+    c = torch.load(tmp_path / "stopped" / PROMPT_NAME, weights_only=False)["tuned"]
+    assert torch.equal(a["prompt_learner.ctx"], c["prompt_learner.ctx"])
+
+
+@pytest.mark.parametrize("loss", ["ce", "calibrated", "label_smoothing"])
+@pytest.mark.parametrize("method", ["prograd", "promptsrc", "tcp", "proda"])
+def test_each_method_trains_with_each_loss(tiny_clip, synthetic_splits, tmp_path, method, loss):
+    """One epoch (its testbed recipe otherwise) and the evaluation, without a run folder."""
+    values = {"epochs": 1, "shots": 2, "batch_size": 4, "output": None, "loss": loss, "method": method}
+    results = train(config(tmp_path, **values), clip=tiny_clip, splits=synthetic_splits)
+    assert math.isfinite(results["train"]["history"][0]["loss"])
+    assert results["base"]["count"] + results["new"]["count"] == len(synthetic_splits.test)
+
+
+def test_adam_where_the_recipe_says_so(tiny_clip, synthetic_splits, tmp_path):
+    from fastcal.runs.train.loop import prepare
+
+    run = prepare(config(tmp_path, method="tcp", inject_layer=1), clip=tiny_clip, splits=synthetic_splits)
+    assert isinstance(run.step.optimizer, torch.optim.Adam)
+    group = run.step.optimizer.param_groups[0]
+    assert group["eps"] == 1e-3 and group["weight_decay"] == 5e-4 and group["betas"] == (0.9, 0.999)
+    assert [r.name for r in run.step.regularizers] == ["tcp_knowledge"] and run.step.hooks == []
+    sgd = prepare(config(tmp_path, method="coop"), clip=tiny_clip, splits=synthetic_splits).step.optimizer
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9
 
 
 def test_resume_refuses_another_config(tmp_path, tiny_clip, synthetic_splits):
