@@ -1,6 +1,7 @@
 """The loss choices and regularizers against the formulas written out in float64 and against the fused
 ``fastcal.losses`` functions."""
 
+import functools
 import types
 
 import pytest
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 from fastcal import registry
 from fastcal.losses import calibrated_prompt_loss
-from fastcal.methods.base import clip_logits
+from fastcal.methods.base import PromptMethod, clip_logits
 from fastcal.methods.objectives import (
     KnowledgeGuidance,
     RegularizerSetup,
@@ -178,6 +179,13 @@ class FrozenClip(torch.nn.Module):
         return self.visual(images)
 
 
+def frozen_encoder_method(input_kind, clip):
+    """The two things ``zeroshot_logits`` reads of a method: its input kind and its frozen encoder."""
+    method = types.SimpleNamespace(input_kind=input_kind, clip_model=clip)
+    method.frozen_image_features = functools.partial(PromptMethod.frozen_image_features, method)
+    return method
+
+
 def test_the_baseline_losses_from_the_registry():
     """Each baseline loss is its fastcal.losses function on the method's logits (with the frozen
     zero-shot logits exp(s) <f0, t0> where it needs them), and trains the text features."""
@@ -187,7 +195,7 @@ def test_the_baseline_losses_from_the_registry():
     features = torch.randn(9, 13, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     out = clip_logits(features, text, torch.tensor(2.5, dtype=torch.float64))
     clip = FrozenClip()
-    method = types.SimpleNamespace(input_kind="features", clip_model=clip)
+    method = frozen_encoder_method("features", clip)
     step = StepBatch(out, step.labels, method, step.frozen_text_features, 0, inputs=features)
     zeroshot = clip.logit_scale.detach().exp() * F.normalize(features, dim=-1) @ step.frozen_text_features.T
     torch.testing.assert_close(zeroshot_logits(step), zeroshot)
@@ -215,10 +223,10 @@ def test_zeroshot_logits_of_a_prompted_image_encoder_run_the_frozen_encoder():
     images = torch.randn(4, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     frozen = F.normalize(torch.randn(3, 13, dtype=torch.float64), dim=-1)
     prompted = clip_logits(torch.randn(4, 13, dtype=torch.float64), frozen, clip.logit_scale)
-    method = types.SimpleNamespace(input_kind="images", clip_model=clip)
+    method = frozen_encoder_method("images", clip)
     step = StepBatch(prompted, torch.tensor([0, 1, 2, 0]), method, frozen, 0, inputs=images)
     expected = clip.logit_scale.exp() * F.normalize(clip.encode_image(images), dim=-1) @ frozen.T
     torch.testing.assert_close(zeroshot_logits(step), expected.detach())
     assert not zeroshot_logits(step).requires_grad
-    with pytest.raises(ValueError, match=r"StepBatch\.inputs: expected the batch's images"):
+    with pytest.raises(ValueError, match=r"StepBatch\.inputs: expected the step's inputs"):
         zeroshot_logits(StepBatch(prompted, step.labels, method, frozen, 0))
