@@ -171,6 +171,41 @@ def backward(tensor: torch.Tensor, gradient: torch.Tensor | None = None, **optio
     leaves' ``.grad``."""
     if options.get("create_graph") or options.get("inputs") is not None:
         raise NotImplementedError("the fake-CUDA backward takes neither create_graph nor inputs")
+    _walk(tensor, gradient, None)
+
+
+def grad(
+    outputs: Any,
+    inputs: Any,
+    grad_outputs: Any = None,
+    retain_graph: bool | None = None,
+    create_graph: bool = False,
+    allow_unused: bool | None = None,
+    **options: Any,
+) -> tuple[torch.Tensor | None, ...]:
+    """``torch.autograd.grad`` by the same walk, for leaf ``inputs``: their gradients are returned and no
+    ``.grad`` is written (the walk stops at every leaf)."""
+    if create_graph or options.get("is_grads_batched"):
+        raise NotImplementedError("the fake-CUDA grad takes neither create_graph nor batched gradients")
+    outputs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+    inputs = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    if any(t.grad_fn is not None for t in inputs):
+        raise NotImplementedError("the fake-CUDA grad takes leaf inputs only")
+    given = grad_outputs if isinstance(grad_outputs, list | tuple) else [grad_outputs] * len(outputs)
+    captured: dict[int, torch.Tensor | None] = {id(t): None for t in inputs}
+    for output, gradient in zip(outputs, given, strict=True):
+        _walk(output, gradient, captured)
+    result = tuple(captured[id(t)] for t in inputs)
+    if not allow_unused and any(g is None for g in result):
+        raise RuntimeError("One of the differentiated Tensors appears to not have been used in the graph")
+    return result
+
+
+def _walk(
+    tensor: torch.Tensor, gradient: torch.Tensor | None, captured: dict[int, torch.Tensor | None] | None
+) -> None:
+    """Run the graph below ``tensor``; with ``captured`` (leaf id -> gradient), the leaves' gradients are
+    summed there instead of accumulated into ``.grad``."""
     root = tensor.grad_fn
     if root is None:
         raise RuntimeError("element 0 of tensors does not require grad and does not have a grad_fn")
@@ -192,7 +227,13 @@ def backward(tensor: torch.Tensor, gradient: torch.Tensor | None = None, **optio
     ready = [root]
     while ready:
         node = ready.pop()
-        outputs = _call(node, buffers.pop(node))
+        grads = buffers.pop(node)
+        if captured is not None and node.name() == "torch::autograd::AccumulateGrad":
+            key = id(node.variable)
+            if key in captured and grads[0] is not None:
+                captured[key] = grads[0] if captured[key] is None else captured[key] + grads[0]
+            continue
+        outputs = _call(node, grads)
         for (child, slot), grad in zip(node.next_functions, outputs, strict=True):
             if child is None:
                 continue
@@ -231,10 +272,12 @@ def _recording_apply(cls: Any, *args: Any, **kwargs: Any) -> Any:
 
 @contextlib.contextmanager
 def trace(mode: FakeTensorMode | None) -> Iterator[None]:
-    """Inside ``mode`` (None: on real tensors), with ``backward`` standing in for the autograd engine."""
+    """Inside ``mode`` (None: on real tensors), with ``backward`` and ``grad`` standing in for the autograd
+    engine."""
     patches = [
         (torch.Tensor, "backward", _tensor_backward),
         (torch.autograd, "backward", _autograd_backward),
+        (torch.autograd, "grad", grad),
         (torch.autograd.Function, "apply", classmethod(_recording_apply)),
     ]
     with contextlib.ExitStack() as stack:

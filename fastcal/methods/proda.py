@@ -145,21 +145,19 @@ class ProDA(PromptMethod):
         width = self.layouts["end"].ctx_dim
         device = self.layouts["end"].ctx.device
         self.ctx = nn.Parameter(torch.empty(n_prompts, n_ctx, width, device=device).normal_(0.0, init_std))
-        positions = prompt_positions(n_prompts)
-        for position in LAYOUTS:
-            index = [k for k, p in enumerate(positions) if p == position]
-            self.register_buffer(f"{position}_prompts", torch.tensor(index, dtype=torch.long, device=device))
+        self.positions = prompt_positions(n_prompts)
         # class-free prompts "[SOS] v_k . [EOS]" (the reference's "nc" prompts): ids of "X X .. X."
         ids = tokenizer([" ".join(["X"] * n_ctx) + "."]).to(device)
         ids = ids[:, : int(encoder.eot_positions(ids)[0]) + 1] if encoder.is_causal else ids
         with torch.no_grad():
             embedding = encoder.token_embedding(ids)
-        self.register_buffer("free_ids", ids, persistent=False)
+        # one row per prompt, one tensor for the run: the text encoder reads its lengths once
+        self.register_buffer("free_ids", ids.expand(n_prompts, -1).clone(), persistent=False)
         self.register_buffer("free_prefix", embedding[:, :1].detach(), persistent=False)
         self.register_buffer("free_suffix", embedding[:, 1 + n_ctx :].detach(), persistent=False)
         object.__setattr__(self, "_encoder", encoder)
         self.prompt_batch = prompt_batch
-        self._order: torch.Tensor | None = None
+        self._order: list[int] | None = None  # host-side, so choosing a step's prompts never reads the device
         self._step = 0
         self._classifier: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
@@ -177,14 +175,17 @@ class ProDA(PromptMethod):
         return self.ctx.shape[0]
 
     # ---- prompts -----------------------------------------------------------------------------------
-    def prompt_features(self, prompts: torch.Tensor) -> torch.Tensor:
-        """Normalized class features ``(C, P, D)`` of the prompts ``prompts`` (indices into the K), in the
-        order end, middle, front (the reference's; the mean and covariance do not depend on it)."""
+    def prompt_features(self, prompts: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Normalized class features ``(C, P, D)`` of the prompts ``prompts`` (indices into the K, on the
+        CPU), in the order end, middle, front (the reference's; the mean and covariance do not depend on
+        it)."""
+        indices = prompts.tolist() if isinstance(prompts, torch.Tensor) else list(prompts)
         groups = []
         for position in reversed(LAYOUTS):
-            chosen = prompts[torch.isin(prompts, getattr(self, f"{position}_prompts"))]
-            if chosen.numel():
-                groups.append(self.layouts[position](self.ctx[chosen]))  # (S, C, D)
+            chosen = [k for k in indices if self.positions[k] == position]
+            if chosen:
+                index = torch.tensor(chosen, device=self.ctx.device)
+                groups.append(self.layouts[position](self.ctx[index]))  # (S, C, D)
         features = F.normalize(torch.cat(groups), dim=-1)
         return features.transpose(0, 1)
 
@@ -200,18 +201,18 @@ class ProDA(PromptMethod):
             ],
             dim=1,
         )
-        return F.normalize(self._encoder.encode_embeddings(prompts, self.free_ids.expand(k, -1)), dim=-1)
+        return F.normalize(self._encoder.encode_embeddings(prompts, self.free_ids), dim=-1)
 
-    def next_prompts(self) -> torch.Tensor:
+    def next_prompts(self) -> list[int]:
         """The next training step's P prompt indices (module docstring: the permutation cycle)."""
         cycle = self.n_prompts // self.prompt_batch
         if cycle == 1:
-            return torch.arange(self.n_prompts, device=self.ctx.device)
+            return list(range(self.n_prompts))
         if self._step == 0:
-            self._order = torch.randperm(self.n_prompts)
+            self._order = torch.randperm(self.n_prompts).tolist()
         block = self._order[self._step * self.prompt_batch : (self._step + 1) * self.prompt_batch]
         self._step = (self._step + 1) % cycle
-        return block.to(self.ctx.device)
+        return block
 
     def classifier(self) -> torch.Tensor:
         """``(C, D)``: the mean of all K prompts' normalized class features (not re-normalized); kept
@@ -220,8 +221,7 @@ class ProDA(PromptMethod):
         cached = self._classifier
         if cached is None or cached[0] != version or cached[1] is not ids:
             with torch.no_grad():
-                every = torch.arange(self.n_prompts, device=self.ctx.device)
-                cached = (version, ids, self.prompt_features(every).mean(dim=1))
+                cached = (version, ids, self.prompt_features(range(self.n_prompts)).mean(dim=1))
             self._classifier = cached
         return cached[2]
 
@@ -253,10 +253,12 @@ class ProDA(PromptMethod):
         )
 
     def training_state(self) -> dict[str, Any]:
-        return {"order": self._order, "step": self._step}
+        order = None if self._order is None else torch.tensor(self._order)
+        return {"order": order, "step": self._step}
 
     def load_training_state(self, state: Mapping[str, Any]) -> None:
-        self._order = state.get("order")
+        order = state.get("order")
+        self._order = None if order is None else [int(k) for k in order.tolist()]
         self._step = int(state.get("step", 0))
 
 
@@ -279,9 +281,11 @@ class GaussianBound(StatelessRegularizer):
         bounded = out.logits + 0.5 * out.logit_scale.square() * sigma
         excess = (torch.logsumexp(bounded, dim=-1) - torch.logsumexp(out.logits, dim=-1)).mean()
         free = batch.method.class_free_features()
-        similarity = free @ free.T
-        off_diagonal = ~torch.eye(similarity.shape[0], dtype=torch.bool, device=similarity.device)
-        return excess + self.diversity_weight * similarity[off_diagonal].abs().mean()
+        magnitude = (free @ free.T).abs()
+        k = magnitude.shape[0]
+        # the mean over the off-diagonal entries, without a mask (a masked select would read the device)
+        off_diagonal = (magnitude.sum() - magnitude.diagonal().sum()) / (k * (k - 1))
+        return excess + self.diversity_weight * off_diagonal
 
 
 SPEC = MethodSpec(

@@ -320,12 +320,13 @@ class PromptLearner(nn.Module):
         return self._assemble(ctx, lead, self.token_prefix, self.token_suffix, self.positions)
 
     def batched_token_ids(self, n_samples: int) -> torch.Tensor:
-        """``token_ids`` repeated for ``n_samples`` contexts, ``(S * C, T)`` (kept, so the text encoder
-        plans the batch once)."""
+        """``token_ids`` repeated for ``n_samples`` contexts, ``(S * C, T)`` (kept, and planned from
+        ``token_ids``' plan, so the text encoder reads the lengths once for every ``S``)."""
         memo = self._repeated_ids.get(n_samples)
         if memo is None or memo[0] is not self.token_ids:
             memo = (self.token_ids, self.token_ids.repeat(n_samples, 1))
             self._repeated_ids[n_samples] = memo
+            self._batched_encoder.plan_repeated(memo[1], self.token_ids)
         return memo[1]
 
     def forward(self, ctx: torch.Tensor | None = None) -> torch.Tensor:

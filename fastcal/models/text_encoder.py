@@ -35,6 +35,8 @@ from torch import nn
 
 from fastcal._checks import check_tensor, fail
 
+PLAN_MEMO_SIZE = 8  # token-id tensors whose length plans are kept
+
 # Fixed cost of one more length bucket, in token-rows of transformer work: the pass's per-op overhead
 # plus the lower efficiency of smaller GEMMs. CPU: measured with the ViT-B text tower on 2 cores over
 # 500-prompt batches (ImageNet CoOp prompts and "a photo of a {noun}."): 1024-2048 fastest, 256 within
@@ -158,7 +160,7 @@ class TextEncoder(nn.Module):
         # Plain attributes (object.__setattr__), so nn.Module does not register the model's modules.
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_tower", tower)
-        object.__setattr__(self, "_plan_memo", None)
+        object.__setattr__(self, "_plan_memo", [])
         object.__setattr__(self, "_causal_memo", None)
         self.bucket = bucket
         self.bucket_overhead_tokens = bucket_overhead_tokens
@@ -309,13 +311,14 @@ class TextEncoder(nn.Module):
     def _plan(self, token_ids: torch.Tensor) -> tuple[list[tuple[torch.Tensor | None, int]], Any]:
         """Groups ``[(row index or None for all rows, length)]`` and the inverse permutation (or None).
 
-        Reading the lengths synchronizes with the device; the plan for the last ``token_ids`` seen is
-        kept (same tensor object, unmodified), so a prompt learner's fixed token ids cost one sync.
+        Reading the lengths synchronizes with the device; the plans for the last ``PLAN_MEMO_SIZE``
+        ``token_ids`` seen are kept (same tensor object, unmodified), so each of a method's fixed token
+        ids (ProDA has one per class-token position) costs one sync.
         """
-        memo = self._plan_memo
         key = (self.bucket, self.bucket_overhead_tokens, self.is_causal)
-        if memo is not None and memo[0] is token_ids and memo[1] == token_ids._version and memo[2] == key:
-            return memo[3], memo[4]
+        for memo in self._plan_memo:
+            if memo[0] is token_ids and memo[1] == token_ids._version and memo[2] == key:
+                return memo[3], memo[4]
         full = token_ids.shape[1]
         if token_ids.shape[1] > self._tower.positional_embedding.shape[0]:
             raise fail(
@@ -344,8 +347,18 @@ class TextEncoder(nn.Module):
                 else:
                     groups = [(order[b:e], sorted_lengths[e - 1]) for b, e in splits]
                     inverse = torch.argsort(order)
-        object.__setattr__(self, "_plan_memo", (token_ids, token_ids._version, key, groups, inverse))
+        memo = [*self._plan_memo, (token_ids, token_ids._version, key, groups, inverse)]
+        object.__setattr__(self, "_plan_memo", memo[-PLAN_MEMO_SIZE:])
         return groups, inverse
+
+    def plan_repeated(self, token_ids: torch.Tensor, base: torch.Tensor) -> None:
+        """Plan ``token_ids``, whose rows are ``base``'s repeated, from ``base``'s plan when that is one
+        length for every row (then it is the same; a bucketed plan is made from the lengths as usual)."""
+        groups, inverse = self._plan(base)
+        if len(groups) == 1 and inverse is None:
+            key = (self.bucket, self.bucket_overhead_tokens, self.is_causal)
+            memo = [*self._plan_memo, (token_ids, token_ids._version, key, groups, None)]
+            object.__setattr__(self, "_plan_memo", memo[-PLAN_MEMO_SIZE:])
 
     def _encode(
         self,

@@ -19,10 +19,11 @@ import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException
 
 from fastcal import registry
-from fastcal.outliers.dor import DOR_METHODS
+from fastcal.methods import get_method
 from fastcal.runs.train import TrainConfig, loop
 
 METHODS = registry.names("prompt_method")
+DOR_METHODS = [m for m in METHODS if get_method(m).build.supports_outliers]
 LOSSES = registry.names("loss")
 ONCE_EACH = [
     (METHODS[i % len(METHODS)], LOSSES[i % len(LOSSES)]) for i in range(max(len(METHODS), len(LOSSES)))
@@ -77,8 +78,12 @@ def _trace_two_steps(run, fake_cuda, monkeypatch):
     labels = torch.tensor([label for _, label in run.data.train_items])
     for regularizer in run.step.regularizers:
         regularizer.on_epoch_start(0)
-    with torch.no_grad():
-        run.method.output(inputs[: run.config.batch_size])  # the text encoder's plans, made once per run
+    with torch.no_grad():  # the text encoder's plans (one sync per token-id tensor, once per run)
+        batch = slice(0, run.config.batch_size)
+        run.step.objective(inputs[batch], labels[batch])
+        run.method.eval()  # every prompt (ProDA's evaluation mean covers each class-token position)
+        run.method.output(inputs[batch])
+        run.method.train()
 
     mode = fake_cuda.new_mode()
     run, inputs, labels = fake_cuda.to_fake_cuda(mode, run, inputs, labels)
