@@ -130,5 +130,8 @@ def hf_tiny():
 
 @pytest.fixture(scope="session")
 def fake_cuda():
-    """The fake-CUDA tracing helpers (``tests/fake_cuda.py``: ``new_mode``, ``to_fake_cuda``, ``trace``)."""
+    """The fake-CUDA tracing helpers (``tests/fake_cuda.py``: ``new_mode``, ``to_fake_cuda``, ``trace``);
+    skips on a CPU-only build of torch, where a fake CUDA device aborts the process."""
+    if not torch.backends.cuda.is_built():
+        pytest.skip("fake CUDA tensors need a CUDA build of torch (this one is CPU-only)")
     return _test_module("fake_cuda.py")
