@@ -186,6 +186,13 @@ class PromptMethod(nn.Module):
         tuned = self.term_features(terms, image_features=image_features, frozen_features=frozen_features)
         return tuned, frozen_features
 
+    @torch.no_grad()
+    def prepare_outliers(self, terms: Sequence[str], frozen_features: torch.Tensor) -> None:
+        """Make, before an epoch's steps, what ``outlier_drift_pair`` needs for the epoch's words (their
+        prompts and the text encoder's plan, which reads their lengths on the host), so the steps only
+        run them. Default: their features through the tuned prompt once."""
+        self.term_features(terms, frozen_features=frozen_features)
+
     # ---- state between steps -----------------------------------------------------------------------
     def training_state(self) -> dict[str, Any]:
         """What the method keeps between training steps besides its parameters (ProDA's prompt-subset

@@ -129,6 +129,9 @@ class VPT(PromptMethod):
         frozen = batch.frozen_image_features.to(outliers.dtype) @ outliers.T
         return tuned - tuned.mean(dim=-1, keepdim=True), frozen - frozen.mean(dim=-1, keepdim=True)
 
+    def prepare_outliers(self, terms: Sequence[str], frozen_features: torch.Tensor) -> None:
+        """Nothing: VPT's DOR variant reads the outliers' frozen features only."""
+
     def class_features(self) -> torch.Tensor:
         """The hand-crafted prompt's class text features ``(C, D)`` (frozen, unnormalized)."""
         return self.fixed_class_features

@@ -131,8 +131,7 @@ class DORegularizer:
         self.terms = [self.pool.terms[i] for i in indices.tolist()]
         self.targets = self.pool.features[indices].to(self.device, torch.float32)
         if self.method is not None:
-            with torch.no_grad():
-                tuned_term_features(self.method, self.terms)
+            self.method.prepare_outliers(self.terms, self.targets)
 
     def drift(self, method: nn.Module, batch: Any = None) -> torch.Tensor:
         """The unweighted ``L_dor`` of the current outliers (epoch 0's when none were drawn yet): one minus
