@@ -7,12 +7,16 @@ Tensor files use the safetensors layout (an 8-byte little-endian header length, 
 data) so other tools can read them. fastcal adds two header metadata fields: ``fastcal_key``, the
 canonical JSON of what the content was computed from, and ``fastcal_sha256``, a checksum over the
 tensors (by sorted name: the name, dtype, shape and raw bytes). A file whose key differs or whose
-checksum fails is reported as missing, so callers recompute it.
+checksum fails is reported as missing, so callers recompute it. ``cached_tensors`` computes a missing file
+once however many processes ask for it at the same time: the first takes an exclusive ``fcntl.flock`` on
+``<file>.lock`` while it computes, the others wait for it and then load what it wrote (the operating system
+releases the lock of a process that dies).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -272,20 +276,39 @@ def cached_tensors(
     key: Mapping[str, Any],
     compute: Callable[[], Mapping[str, torch.Tensor]],
 ) -> dict[str, torch.Tensor]:
-    """Load the tensors for ``key`` from ``path``, computing and saving them when absent or bad."""
+    """Load the tensors for ``key`` from ``path``, computing and saving them when absent or bad (once
+    across processes: module docstring)."""
     loaded = load_tensors(path, key)
     if loaded is not None:
         return loaded
-    if Path(path).exists():
-        warnings.warn(
-            f"cache {path}: stale or corrupt (key or checksum mismatch); recomputing",
-            stacklevel=2,
-        )
-    save_tensors(path, compute(), key)
+    with exclusive_lock(Path(path).with_name(Path(path).name + ".lock")):
+        loaded = load_tensors(path, key)  # written by the process this one waited for
+        if loaded is not None:
+            return loaded
+        if Path(path).exists():
+            warnings.warn(
+                f"cache {path}: stale or corrupt (key or checksum mismatch); recomputing",
+                stacklevel=2,
+            )
+        save_tensors(path, compute(), key)
     loaded = load_tensors(path, key)
     if loaded is None:
         raise OSError(f"cache {path}: expected a readable file after writing it, got none")
     return loaded
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on the file ``path`` (created if missing), waiting for any other
+    holder; released on exit, or by the operating system when the process dies."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def load_torch_file(path: str | os.PathLike, *, what: str, hint: str = "") -> Any:

@@ -65,3 +65,34 @@ def test_an_unreadable_cache_file_is_not_called_corrupt(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda p, mode: not (str(p) == str(path) and mode & os.R_OK))
     with pytest.raises(PermissionError, match="without read permission"):
         load_tensors(path, {"key": 1})
+
+
+def _compute_once_worker(path, log, start):
+    import time
+
+    from fastcal._io import cached_tensors
+
+    while time.time() < start:
+        time.sleep(0.005)
+
+    def compute():
+        with open(log, "a") as f:
+            f.write("computed\n")
+        time.sleep(0.5)  # long enough for the other processes to find the file missing
+        return {"x": torch.arange(7.0)}
+
+    return cached_tensors(path, {"kind": "test"}, compute)["x"].tolist()
+
+
+def test_processes_asking_for_a_missing_cache_file_at_once_compute_it_once(tmp_path):
+    import concurrent.futures
+    import multiprocessing
+    import time
+
+    path, log = tmp_path / "t.safetensors", tmp_path / "log"
+    start = time.time() + 1.0
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(3, mp_context=context) as pool:
+        results = list(pool.map(_compute_once_worker, [path] * 3, [log] * 3, [start] * 3))
+    assert results == [list(map(float, range(7)))] * 3
+    assert log.read_text() == "computed\n"

@@ -9,18 +9,21 @@ table with the total runtime. The demo replaces its own earlier results in --out
 Stages (--only NAME[,NAME] runs a selection; --list names them):
   zeroshot   zero-shot CLIP (hard prompt, prompt ensemble), temperature scaling fitted on 50
              base-class validation images applied to base and new
-  coop, coop_calibrated, coop_dor, kgcoop, cocoop, maple, vpt
-             prompt tuning on 16 shots of the base classes (CoOp with CE, with TCPT's calibrated loss
-             and with DOR's WordNet outliers, KgCoOp, CoCoOp, MaPLe, VPT; short testbed schedules),
-             tested on base and new
-  tpt        TPT, C-TPT and FPP + C-TPT on 200 new-class test images
+  coop, coop_calibrated, coop_dor, kgcoop, kgcoop_dor, cocoop, prograd, prograd_calibrated, tcp,
+  tcp_dor, proda, maple, maple_dor, promptsrc, vpt, vpt_dor
+             prompt tuning on 16 shots of the base classes (CE, TCPT's calibrated loss, DOR's WordNet
+             outliers; short testbed schedules), tested on base and new, with the new classes' ECE
+             after TS and after DAC fitted on base-class validation predictions
+  tpt        TPT, C-TPT, O-TPT, FPP + C-TPT and C-TPT from the prompt ensemble on 150 new-class
+             test images
   finetune   FT, WiSE-FT, FLYP and CaRot on the base digits, ID and style-shifted OOD
 
 The prompt-tuning and test-time stages run once per seed (--seeds, default 1,2,3) through the sweep
-machinery (fastcal.runs.sweep: one local process per section and seed, two at a time, under
---output/seeds) and print mean±std over the seeds; a number that differs from the row it improves on
-(the calibrated loss, DOR and KgCoOp from CoOp; C-TPT and O-TPT from TPT; FPP and the ensemble init from
-C-TPT) by more than the two standard deviations together is marked *.
+machinery (fastcal.runs.sweep: one local process per section and seed, three at a time, under
+--output/seeds), while the demo's own process builds the caches the cells share in a forked process
+and runs the other stages; they print mean±std over the seeds. A number that differs from the row it
+improves on (the calibrated loss, DOR and KgCoOp from CoOp; C-TPT and O-TPT from TPT; FPP and the
+ensemble init from C-TPT) by more than the two standard deviations together is marked *.
 
 The stages are registered in fastcal.runs.demo.STAGES.
 """

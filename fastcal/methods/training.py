@@ -259,7 +259,8 @@ class TrainingStep:
     def _step(self, inputs: torch.Tensor, labels: torch.Tensor) -> StepResult:
         if self._started_epoch != self.epoch:  # a loop that never calls start_epoch
             self.start_epoch(self.epoch)
-        self.method.train()
+        if not self.method.training:  # setting the mode walks every module of the CLIP
+            self.method.train()
         # no host sync per step: a caller checks the losses when it reads them
         with value_checks(False), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             loss, batch = self._objective(inputs, labels.to(self.device))

@@ -45,9 +45,11 @@ def reliability_diagram(
     width = 1.0 / n_bins
     filled = count > 0
 
-    fig = Figure(figsize=(5.0, 6.2), layout="constrained")
+    fig = Figure(figsize=(5.0, 6.2))
     FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(2, 1, height_ratios=(3, 1))
+    grid = fig.add_gridspec(
+        2, 1, height_ratios=(3, 1), left=0.15, right=0.97, top=0.95, bottom=0.08, hspace=0.12
+    )
     ax = fig.add_subplot(grid[0])
     hist_ax = fig.add_subplot(grid[1], sharex=ax)
 
@@ -114,9 +116,10 @@ def risk_coverage_plot(
     generalized = curve.generalized_risk.cpu().numpy()
     aurc_value, augrc_value = float(aurc(probs, labels)), float(augrc(probs, labels))
 
-    fig = Figure(figsize=(5.0, 4.2), layout="constrained")
+    fig = Figure(figsize=(5.0, 4.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    fig.subplots_adjust(left=0.15, right=0.97, top=0.93, bottom=0.12)
     ax.plot(coverage, selective, color="#3b75af", label=f"Selective risk (AURC = {aurc_value:.4f})")
     ax.plot(coverage, generalized, color="#d62728", label=f"Generalized risk (AUGRC = {augrc_value:.4f})")
     ax.axhline(

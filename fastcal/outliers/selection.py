@@ -26,6 +26,7 @@ class names, which a real run would not know; ``oracle_pool``).
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,10 @@ STRATEGIES = ("near", "far", "random", "oracle")
 DEFAULT_POOL_SIZE = 5000
 # Similarities computed per chunk of terms: chunk rows x classes <= this many floats (64 MB).
 CHUNK_ELEMENTS = 1 << 24
+
+# per-vocabulary results, computed once for each vocabulary object
+_NORMALIZED: weakref.WeakKeyDictionary[Vocabulary, tuple[str, ...]] = weakref.WeakKeyDictionary()
+_NORMALIZED_SENSES: weakref.WeakKeyDictionary[Vocabulary, dict[str, int]] = weakref.WeakKeyDictionary()
 
 # WordNet's morphy detachment rules for nouns (plural suffix -> singular suffix).
 _NOUN_RULES = (("s", ""), ("ses", "s"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"),
@@ -118,7 +123,7 @@ def excluded_forms(classnames: Iterable[str], wordnet: Vocabulary | None = None)
     for name in classnames:
         forms |= inflections.forms(name)
     if wordnet is not None and wordnet.first_senses:
-        first_senses = {normalize_term(lemma): s for lemma, s in wordnet.first_senses.items()}
+        first_senses = _normalized_first_senses(wordnet)
         synonyms: set[str] = set()
         for form in forms:
             s = first_senses.get(form)
@@ -127,6 +132,14 @@ def excluded_forms(classnames: Iterable[str], wordnet: Vocabulary | None = None)
                     synonyms |= inflections.forms(wordnet.terms[i])
         forms |= synonyms
     return forms
+
+
+def _normalized_first_senses(wordnet: Vocabulary) -> dict[str, int]:
+    senses = _NORMALIZED_SENSES.get(wordnet)
+    if senses is None:
+        senses = {normalize_term(lemma): s for lemma, s in wordnet.first_senses.items()}
+        _NORMALIZED_SENSES[wordnet] = senses
+    return senses
 
 
 def class_exclusion_mask(
@@ -142,7 +155,15 @@ def class_exclusion_mask(
     if wordnet is None and vocabulary.first_senses:
         wordnet = vocabulary
     forms = excluded_forms(classnames, wordnet)
-    return torch.tensor([normalize_term(t) in forms for t in vocabulary.terms], dtype=torch.bool)
+    return torch.tensor([t in forms for t in normalized_terms(vocabulary)], dtype=torch.bool)
+
+
+def normalized_terms(vocabulary: Vocabulary) -> tuple[str, ...]:
+    """``normalize_term`` of every term, computed once per vocabulary object."""
+    normalized = _NORMALIZED.get(vocabulary)
+    if normalized is None:
+        normalized = _NORMALIZED[vocabulary] = tuple(map(normalize_term, vocabulary.terms))
+    return normalized
 
 
 def max_class_similarity(

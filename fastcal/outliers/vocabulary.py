@@ -28,10 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from fastcal._checks import fail
-from fastcal._io import default_cache_dir, write_bytes_atomic
+from fastcal._io import default_cache_dir, exclusive_lock, write_bytes_atomic
 
 WORDNET = "wordnet"
 _FORMAT_VERSION = 2
+# WordNet vocabularies this process has read, by their cache file as it was (``_file_key``)
+_LOADED: dict[tuple[str, int, int], Vocabulary] = {}
 
 
 class Vocabulary:
@@ -190,7 +192,8 @@ def wordnet_nouns(
 
     WordNet is found (or its nltk_data tree built) by ``fastcal.outliers.wordnet.ensure_wordnet``
     (``nltk_data``, ``source``: see there); the extracted vocabulary is cached in ``cache_dir``
-    (default ``default_cache_dir()/wordnet``) keyed by the WordNet files' digest.
+    (default ``default_cache_dir()/wordnet``) keyed by the WordNet files' digest, and kept in memory for
+    the process's later calls while that file is unchanged (the same object).
     """
     from fastcal.outliers.wordnet import DEBIAN_WORDNET_DIR, ensure_wordnet
 
@@ -199,13 +202,33 @@ def wordnet_nouns(
     digest = _source_digest(root)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "wordnet"
     path = folder / f"nouns-{digest[:16]}.json"
+    key = _file_key(path)
+    if key is not None and key in _LOADED:
+        return _LOADED[key]
     vocabulary = _read_cached(path, digest)
-    if vocabulary is None:
-        data = {"format": _FORMAT_VERSION, "source_digest": digest}
-        data.update(_extract_wordnet_nouns(nltk_data, source))
-        write_bytes_atomic(path, json.dumps(data, separators=(",", ":")).encode("utf-8"))
-        vocabulary = _from_data(data)
+    if vocabulary is not None:
+        _LOADED[key] = vocabulary
+        return vocabulary
+    with exclusive_lock(path.with_name(path.name + ".lock")):  # one extraction among processes
+        vocabulary = _read_cached(path, digest)
+        if vocabulary is None:
+            data = {"format": _FORMAT_VERSION, "source_digest": digest}
+            data.update(_extract_wordnet_nouns(nltk_data, source))
+            write_bytes_atomic(path, json.dumps(data, separators=(",", ":")).encode("utf-8"))
+            vocabulary = _from_data(data)
+    key = _file_key(path)
+    if key is not None:
+        _LOADED[key] = vocabulary
     return vocabulary
+
+
+def _file_key(path: Path) -> tuple[str, int, int] | None:
+    """The cache file as it is now (path, size, modification time); None when it is missing."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 def _from_data(data: dict[str, Any]) -> Vocabulary:

@@ -24,6 +24,11 @@ Under ``torch.distributed`` (``torchrun``), rank ``r`` of ``R`` takes the indice
 in the records; rank 0 holds the folder, and merges after a barrier. A temperature divides the final
 logits (TPT + temperature scaling): a fixed value, or one fitted (``fastcal.calibrate.fit_temperature``)
 on the method's logits over a labeled calibration set, computed once by rank 0 and cached in the folder.
+
+Runs in one process over the same samples can share their views: given a ``ViewFeatureMemo``, a tuning
+method's frozen view features are taken from it when an earlier run with the same view settings, seed and
+sample put them there (exact: a sample's views depend on nothing else). Their ``time`` then counts the
+tuning only.
 """
 
 from __future__ import annotations
@@ -245,20 +250,63 @@ class _DecodedItems(Dataset):
         return index, decode(load_image(image)), int(label)
 
 
+class ViewFeatureMemo:
+    """Frozen view features of test samples, kept in memory for later runs in the same process that
+    make the same views (module docstring): by the items and model (``scope``), the predictor's
+    ``view_key``, the seed and the sample."""
+
+    def __init__(self) -> None:
+        self._features: dict[tuple[str, str, int, int], torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._features)
+
+    def features(
+        self,
+        predictor: Any,
+        scope: str,
+        images: Sequence[torch.Tensor],
+        indices: Sequence[int],
+        seed: int,
+        generators: Sequence[torch.Generator],
+    ) -> torch.Tensor:
+        """``predictor.view_features(images, generators)`` ``(S, n_views, D)``, from the memo when every
+        sample is in it (else computed, and kept)."""
+        keys = [(scope, predictor.view_key, seed, int(i)) for i in indices]
+        if all(key in self._features for key in keys):
+            return torch.stack([self._features[key] for key in keys])
+        features = predictor.view_features(images, generators)
+        self._features.update(zip(keys, features, strict=True))
+        return features
+
+
 def _logit_batches(
-    predictor: Predictor, items: Sequence[Item], indices: Sequence[int], config: TptConfig
+    predictor: Predictor,
+    items: Sequence[Item],
+    indices: Sequence[int],
+    config: TptConfig,
+    memo: ViewFeatureMemo | None = None,
+    scope: str = "",
 ) -> Iterator[tuple[list[int], list[int], torch.Tensor, float]]:
     """``(indices, labels, logits, seconds)`` per batch of ``predictor``'s size; sample ``i``'s views come
-    from ``sample_generator(config.seed, i)`` whatever the batch it lands in."""
+    from ``sample_generator(config.seed, i)`` whatever the batch it lands in (their features from
+    ``memo``, under ``scope``, when it has them and the predictor tunes on view features)."""
     size = getattr(predictor, "samples_per_step", config.samples_per_step)
     loader = DataLoader(
         _DecodedItems(items, indices), batch_size=size, num_workers=config.num_workers, collate_fn=list
     )
+    shares_views = memo is not None and hasattr(predictor, "view_features")
     for batch in loader:
         start = time.perf_counter()
         batch_indices = [b[0] for b in batch]
+        images = [b[1] for b in batch]
         generators = [sample_generator(config.seed, i) for i in batch_indices]
-        logits = predictor([b[1] for b in batch], generators).float().cpu()  # the step ends in this read
+        if shares_views:
+            features = memo.features(predictor, scope, images, batch_indices, config.seed, generators)
+            logits = predictor.predict_features(features)
+        else:
+            logits = predictor(images, generators)
+        logits = logits.float().cpu()  # the step ends in this read
         yield batch_indices, [b[2] for b in batch], logits, time.perf_counter() - start
 
 
@@ -378,10 +426,17 @@ def _calibration_temperature(
     return fit_temperature(tensors["logits"], tensors["labels"])
 
 
-def run_tpt(config: TptConfig, *, clip: LoadedClip | None = None, task: Task | None = None) -> dict[str, Any]:
+def run_tpt(
+    config: TptConfig,
+    *,
+    clip: LoadedClip | None = None,
+    task: Task | None = None,
+    view_memo: ViewFeatureMemo | None = None,
+) -> dict[str, Any]:
     """Evaluate ``config.method`` into the run folder ``config.output`` (module docstring); return the
     results (the content of ``results.json``). Under ``torch.distributed`` every rank calls this.
-    ``clip`` and ``task``: an already loaded model and task (default: from the settings)."""
+    ``clip`` and ``task``: an already loaded model and task (default: from the settings); ``view_memo``:
+    view features shared with the other runs in this process that are given the same memo."""
     config = config.resolved()
     if config.output is None:
         raise fail("output", "a run folder", "none")
@@ -402,11 +457,16 @@ def run_tpt(config: TptConfig, *, clip: LoadedClip | None = None, task: Task | N
     with hold_run_folder(
         output, kind="tpt", resume=config.resume, overwrite=config.overwrite, prepare=prepare
     ):
-        return _run(clip, task, config, output, manifest)
+        return _run(clip, task, config, output, manifest, view_memo)
 
 
 def _run(
-    clip: LoadedClip, task: Task, config: TptConfig, output: Path, manifest: dict[str, Any]
+    clip: LoadedClip,
+    task: Task,
+    config: TptConfig,
+    output: Path,
+    manifest: dict[str, Any],
+    view_memo: ViewFeatureMemo | None,
 ) -> dict[str, Any]:
     rank, world = rank_world()
     records_path = output / RECORDS
@@ -439,7 +499,9 @@ def _run(
     pending: list[dict[str, Any]] = []
     hits = 0
     started = time.perf_counter()
-    for indices, labels, logits, seconds in _logit_batches(predictor, task.items, todo, config):
+    scope = f"{manifest['items']} {manifest['model_fingerprint']}"
+    batches = _logit_batches(predictor, task.items, todo, config, view_memo, scope)
+    for indices, labels, logits, seconds in batches:
         records = records_from_logits(indices, labels, logits, temperature, seconds)
         pending.extend(records)
         if len(pending) >= config.flush_every:

@@ -188,6 +188,26 @@ class TPT:
         """The views of each image, ``(S * n_views, 3, s, s)``, image ``i``'s drawn from ``generators[i]``."""
         return self.augmenter.batch(images, generators)
 
+    @property
+    def view_key(self) -> str:
+        """What the views' features depend on besides the image and its generator: the augmenter's
+        settings and the image tower's dtype (runs over the same samples with equal keys can share them:
+        ``view_features``)."""
+        return f"{self.augmenter!r}, {self.image_dtype}"
+
+    def view_features(
+        self, images: Sequence[Image.Image | torch.Tensor], generators: Sequence[torch.Generator]
+    ) -> torch.Tensor:
+        """Frozen features ``(S, n_views, D)`` of the views of each image, image ``i``'s drawn from
+        ``generators[i]``: all that tuning reads of an image (``predict_features``)."""
+        features = self.encode_views(self.views(images, generators))
+        return features.view(len(images), self.config.n_views, -1)
+
+    def predict_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Tuned logits ``(S, C)`` of the centre view from the views' features ``(S, n_views, D)``
+        (``view_features``), ``samples_per_step`` samples at a time."""
+        return torch.cat([self.step(chunk) for chunk in features.split(self.samples_per_step)])
+
     def _tune_features(self, features: torch.Tensor) -> TuneResult:
         parts = []
         for chunk in features.split(self.samples_per_step):
@@ -246,8 +266,7 @@ class TPT:
         logits = []
         for start in range(0, len(images), self.samples_per_step):
             chunk = slice(start, start + self.samples_per_step)
-            features = self.encode_views(self.views(images[chunk], generators[chunk]))
-            logits.append(self.step(features.view(-1, self.config.n_views, features.shape[-1])))
+            logits.append(self.predict_features(self.view_features(images[chunk], generators[chunk])))
         return torch.cat(logits)
 
     def __call__(

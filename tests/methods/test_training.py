@@ -89,6 +89,18 @@ def test_a_kgcoop_step_is_ce_plus_its_guidance_then_sgd(clip64):
     assert again.from_features(model.encode_image(images), labels).loss.shape == ()
 
 
+def test_a_step_puts_the_method_back_in_train_mode_and_keeps_the_clip_frozen(clip64):
+    model, tokenizer = clip64
+    coop = build_method("coop", model, tokenizer, NAMES).double()
+    step = training_step(coop, "ce", torch.optim.SGD([p for _, p in coop.tuned_parameters()], lr=0.01))
+    images, labels = batch(model)
+    for _ in range(2):
+        step(images, labels)
+        assert coop.training and not coop.clip_model.training
+        coop.eval()  # a user's evaluation between steps
+        assert not coop.training
+
+
 def test_the_anchor_follows_the_class_set_and_options_are_checked(clip64):
     model, tokenizer = clip64
     coop = build_method("coop", model, tokenizer, NAMES).double()

@@ -19,7 +19,7 @@ from fastcal.metrics import calibration_summary
 from fastcal.models.clip import LoadedClip
 from fastcal.runs import tpt as runner
 from fastcal.runs.records import decode_rows
-from fastcal.runs.tpt import TptConfig, records_from_logits, run_tpt, subset_task
+from fastcal.runs.tpt import TptConfig, ViewFeatureMemo, records_from_logits, run_tpt, subset_task
 
 ROOT = Path(__file__).resolve().parents[2]
 N_VIEWS = 16
@@ -102,6 +102,25 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(clip, task, tmp_p
     for n in ("15", "20"):
         for key in ("accuracy", "ece", "nll", "brier"):
             assert resumed["metrics"][n][key] == pytest.approx(full["metrics"][n][key], abs=1e-5)
+
+
+def test_runs_sharing_a_view_memo_equal_runs_that_make_their_own_views(clip, task, tmp_path):
+    memo = ViewFeatureMemo()
+    for method in ("tpt", "ctpt", "otpt"):
+        alone = run(clip, task, tpt_config(tmp_path / f"{method}-alone", method=method, samples_per_step=2))
+        config = tpt_config(tmp_path / f"{method}-shared", method=method, samples_per_step=2)
+        shared = run_tpt(config, clip=clip, task=task, view_memo=memo)
+        assert len(memo) == len(task.items)  # the first run filled it, the others read it
+        saved = [
+            np.load(tmp_path / f"{method}-{k}" / "predictions" / f"{task.name}.npz")
+            for k in ("alone", "shared")
+        ]
+        np.testing.assert_array_equal(saved[0]["logits"], saved[1]["logits"])
+        assert shared["metrics"] == alone["metrics"]
+    # other views (another seed) are not taken from the memo
+    other = run_tpt(tpt_config(tmp_path / "seed1", seed=1), clip=clip, task=task, view_memo=memo)
+    assert len(memo) == 2 * len(task.items)
+    assert other["metrics"] != run(clip, task, tpt_config(tmp_path / "seed0"))["metrics"]
 
 
 def test_a_folder_of_another_run_is_refused(clip, task, tmp_path, cache_dir):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -135,8 +136,9 @@ def run_stages(
     ctx: DemoContext, stages: list[tuple[str, str]], seeds: Sequence[int] | None = None
 ) -> dict[str, Any]:
     """Run ``stages``; after each, rewrite ``results.json`` (atomically) with everything so far. With
-    ``seeds``, the prompt-tuning and test-time stages run once per seed, as a sweep, where the first of
-    them stands (``fastcal.runs.demo.seeds``)."""
+    ``seeds``, the prompt-tuning and test-time stages run once per seed, as a sweep
+    (``fastcal.runs.demo.seeds``), and the other stages run in this process meanwhile; the rows keep the
+    order of ``stages``."""
     from dataclasses import asdict
 
     import fastcal
@@ -156,20 +158,36 @@ def run_stages(
         "rows": [],
     }
     seeded = [(name, target) for name, target in stages if seeds and section_of(target)]
-    for name, target in stages:
-        if (name, target) in seeded[1:]:
-            continue
-        stage_start = time.perf_counter()
-        if seeded and (name, target) == seeded[0]:
-            ctx.log(f"fastcal demo: stages {', '.join(n for n, _ in seeded)}, seeds {list(seeds)}")
-            rows = _run_seeded(ctx, seeded, seeds, results, stage_start)
-        else:
+    rows: dict[str, list[Row]] = {}
+    lock = threading.Lock()
+
+    def record(names: list[str], stage_rows: list[Row], seconds: float | None = None) -> None:
+        with lock:
+            if seconds is not None:
+                results["stages"][names[0]] = {"seconds": seconds, "rows": len(stage_rows)}
+            rows.update({name: [row for row in stage_rows if row["stage"] == name] for name in names})
+            results["rows"] = [row for name, _ in stages for row in rows.get(name, [])]
+            results["total_seconds"] = time.perf_counter() - start
+            write_json_atomic(ctx.output / "results.json", results)
+
+    def run_unseeded() -> None:
+        for name, target in stages:
+            if (name, target) in seeded:
+                continue
             ctx.log(f"fastcal demo: stage {name}")
-            rows = [check_row(name, row) for row in resolve(target)(ctx)]
-            results["stages"][name] = {"seconds": time.perf_counter() - stage_start, "rows": len(rows)}
-        results["rows"].extend(rows)
-        results["total_seconds"] = time.perf_counter() - start
-        write_json_atomic(ctx.output / "results.json", results)
+            stage_start = time.perf_counter()
+            stage_rows = [check_row(name, row) for row in resolve(target)(ctx)]
+            record([name], stage_rows, time.perf_counter() - stage_start)
+
+    if not seeded:
+        run_unseeded()
+        return results
+    ctx.log(f"fastcal demo: stages {', '.join(n for n, _ in seeded)}, seeds {list(seeds)}")
+    stage_start = time.perf_counter()
+    seeded_rows = _run_seeded(ctx, seeded, seeds, results, stage_start, alongside=run_unseeded)
+    record([name for name, _ in seeded], seeded_rows)
+    results["stages"] = {name: results["stages"][name] for name, _ in stages}
+    write_json_atomic(ctx.output / "results.json", results)
     return results
 
 
@@ -179,10 +197,11 @@ def _run_seeded(
     seeds: Sequence[int],
     results: dict[str, Any],
     start: float,
+    alongside: Callable[[], None],
 ) -> list[dict[str, Any]]:
     from fastcal.runs.demo.seeds import run_seeded
 
-    rows = [check_row(row["stage"], row) for row in run_seeded(ctx, stages, seeds)]
+    rows = [check_row(row["stage"], row) for row in run_seeded(ctx, stages, seeds, alongside)]
     seconds = time.perf_counter() - start
     for name, _ in stages:
         count = sum(row["stage"] == name for row in rows)
@@ -200,13 +219,26 @@ def run_demo(
 ) -> tuple[dict[str, Any], DemoContext]:
     """The demo into the folder ``output`` (it replaces its own earlier results; a folder holding another
     command's run needs ``overwrite``); the prompt-tuning and test-time stages run once per seed of
-    ``seeds`` (default ``fastcal.runs.demo.seeds.SEEDS``). Returns the results and the context."""
-    from fastcal.runs.demo.seeds import SEEDS
+    ``seeds`` (default ``fastcal.runs.demo.seeds.SEEDS``) in other processes, while this one prepares
+    their shared caches and runs the other stages with one torch thread. Returns the results and the
+    context."""
+    import torch
+
+    from fastcal._io import default_cache_dir
+    from fastcal.runs.demo.seeds import SEEDS, start_warming
     from fastcal.runs.folder import RunFolder, check_run_folder
 
     stages = select_stages(only)
     check_run_folder(output, kind="demo", overwrite=overwrite, replace_own=True)
     with RunFolder.open(output, kind="demo", overwrite=overwrite, replace_own=True) as folder:
         folder.write_manifest({"stages": [name for name, _ in stages]})
-        ctx = DemoContext.on_testbed(folder.path, progress=progress)
-        return run_stages(ctx, stages, SEEDS if seeds is None else seeds), ctx
+        seeds = SEEDS if seeds is None else seeds
+        threads = torch.get_num_threads()
+        if seeds:  # other processes share the cores from here on: one thread each, this one too
+            torch.set_num_threads(1)
+            start_warming(stages, default_cache_dir())
+        try:
+            ctx = DemoContext.on_testbed(folder.path, progress=progress)
+            return run_stages(ctx, stages, seeds), ctx
+        finally:
+            torch.set_num_threads(threads)

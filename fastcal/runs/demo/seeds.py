@@ -1,18 +1,23 @@
 """The demo's seeded sections: prompt tuning and test-time tuning over several seeds, as a sweep.
 
 Every stage defined in a module of ``SEEDED_MODULES`` runs once per seed: each (section, seed) is one
-cell of a ``fastcal.runs.sweep`` grid of the ``demo_section`` command (local processes, two at a time),
-whose run folder holds that seed's rows. The demo's row of a method is the mean over the seeds of each
-group's accuracy and ECE, with their sample standard deviations in ``notes["spread"]``. A row that
-improves on another (``IMPROVES_ON``: a calibration method on the method it modifies) gets a mark in
-``notes["marks"]`` for each number whose difference to that row exceeds the sum of the two standard
-deviations; a smaller difference is not told apart from seed-to-seed noise.
+cell of a ``fastcal.runs.sweep`` grid of the ``demo_section`` command (local processes, ``MAX_PARALLEL``
+at a time, one torch thread each), whose run folder holds that seed's rows. Three at a time on two cores:
+a cell that starts up or waits for a shared cache (``start_warming``) leaves its core to the others.
+The demo's row of a method is the mean over the seeds of each group's accuracy and ECE, with their
+sample standard deviations in ``notes["spread"]``. A row that improves on another (``IMPROVES_ON``: a
+calibration method on the method it modifies) gets a mark in ``notes["marks"]`` for each number whose
+difference to that row exceeds the sum of the two standard deviations; a smaller difference is not told
+apart from seed-to-seed noise.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
-from collections.abc import Sequence
+import multiprocessing
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +42,7 @@ IMPROVES_ON = {
     "FPP + C-TPT": "C-TPT",
     "C-TPT (ensemble init)": "C-TPT",
 }
-MAX_PARALLEL = 2
+MAX_PARALLEL = 3
 
 
 def section_of(target: str) -> str | None:
@@ -155,24 +160,87 @@ def aggregate_rows(runs: list[list[dict[str, Any]]], seeds: Sequence[int]) -> li
     return rows
 
 
-def run_seeded(ctx: Any, stages: list[tuple[str, str]], seeds: Sequence[int]) -> list[dict[str, Any]]:
+def _cache_warmers(stages: list[tuple[str, str]]) -> dict[str, Any]:
+    """``{section: warm_caches}`` of the seeded sections among ``stages`` whose module defines
+    ``warm_caches(cache_dir, stage_names)``: what fills the caches their cells share."""
+    warmers = {}
+    for _, target in stages:
+        module = target.partition(":")[0]
+        warm = (
+            getattr(importlib.import_module(module), "warm_caches", None)
+            if module in SEEDED_MODULES
+            else None
+        )
+        if warm is not None:
+            warmers[SEEDED_MODULES[module]] = warm
+    return warmers
+
+
+def start_warming(stages: list[tuple[str, str]], cache_dir: Path) -> multiprocessing.Process | None:
+    """Start the seeded sections' ``warm_caches`` in a forked process (a thread would hold the
+    interpreter lock this process needs), so that one process computes the caches the cells share while
+    this one pretrains the testbed CLIP and runs the other stages; the caches' file locks make the cells
+    wait for it rather than repeat it. A failure there is left to the cells, which then compute what is
+    missing and report it. ``None`` when no section has caches to warm."""
+    warmers = _cache_warmers(stages)
+    if not warmers:
+        return None
+    names = [name for name, _ in stages]
+    process = multiprocessing.get_context("fork").Process(
+        target=_warm, args=(list(warmers.values()), cache_dir, names), daemon=True
+    )
+    process.start()
+    return process
+
+
+def _warm(warmers: list[Any], cache_dir: Path, stage_names: list[str]) -> None:
+    for warm in warmers:
+        warm(cache_dir, stage_names)
+
+
+def run_seeded(
+    ctx: Any,
+    stages: list[tuple[str, str]],
+    seeds: Sequence[int],
+    alongside: Callable[[], None] | None = None,
+) -> list[dict[str, Any]]:
     """Run the seeded ``stages`` for every seed as a sweep under ``ctx.output/seeds`` and return their
-    aggregated rows, in stage order."""
+    aggregated rows, in stage order. While the cells run, this process runs ``alongside`` (the demo's
+    other stages); an error there is raised once the sweep is over. The cells of sections with caches to
+    warm (``start_warming``) start last."""
     from fastcal.runs.sweep import Launcher, run_sweep
     from fastcal.runs.sweep.cell import DONE, RUN
     from fastcal.runs.sweep.grid import grid_from_dict
 
     sections = list(dict.fromkeys(section_of(target) for _, target in stages))
+    warmers = _cache_warmers(stages)
     grid = grid_from_dict(
         {
             "command": "demo_section",
             "fixed": {"stages": [name for name, _ in stages]},
-            "axes": {"section": sections, "seed": list(seeds)},
+            "axes": {
+                "section": sorted(sections, key=lambda section: section in warmers),
+                "seed": list(seeds),
+            },
         },
         "demo",
     )
     folder = Path(ctx.output) / "seeds"
+    errors: list[BaseException] = []
+
+    def in_this_process() -> None:
+        try:
+            if alongside is not None:
+                alongside()
+        except BaseException as error:  # raised in the caller's thread after the sweep
+            errors.append(error)
+
+    beside = threading.Thread(target=in_this_process, daemon=True)
+    beside.start()
     states = run_sweep(grid, folder, Launcher(max_parallel=MAX_PARALLEL), log=ctx.log, poll_seconds=0.2)
+    beside.join()
+    if errors:
+        raise errors[0]
     failed = {name: state.detail for name, state in states.items() if state.state != DONE}
     if failed:
         name, detail = next(iter(failed.items()))
