@@ -29,63 +29,54 @@ def clip_tokenizer():
     )
 
 
+def tower_config(layers, **fields):
+    """A text or image tower's config: width 32, MLP width 64, 4 heads, ``layers`` layers, and ``fields``."""
+    return dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4, **fields
+    )
+
+
+def seeded_model(model_class, config, *, seed, attn):
+    """``model_class(config)`` initialized under ``torch.manual_seed(seed)``, with attention ``attn``."""
+    torch.manual_seed(seed)
+    model = model_class(config)
+    model.set_attn_implementation(attn)
+    return model
+
+
 def clip_model(*, eos_token_id=VOCAB - 1, attn="sdpa", seed=0, layers=3):
     """A 3-layer CLIP: text width 32, 4 heads, 32 positions; 32x32 images in 8x8 patches; D = 24."""
     config = transformers.CLIPConfig(
-        text_config=dict(
+        text_config=tower_config(
+            layers,
             vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
             max_position_embeddings=CONTEXT_LENGTH,
             eos_token_id=eos_token_id,
             bos_token_id=VOCAB - 2,
             pad_token_id=VOCAB - 1,
         ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-        ),
+        vision_config=tower_config(layers, image_size=32, patch_size=8),
         projection_dim=24,
     )
-    torch.manual_seed(seed)
-    model = transformers.CLIPModel(config)
-    model.set_attn_implementation(attn)
+    model = seeded_model(transformers.CLIPModel, config, seed=seed, attn=attn)
     return model.eval()
 
 
 def siglip_model(*, attn="sdpa", seed=0):
     """A 2-layer SigLIP: width 32, 16 positions (the text is always padded to all of them)."""
     config = transformers.SiglipConfig(
-        text_config=dict(
+        text_config=tower_config(
+            2,
             vocab_size=100,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
             max_position_embeddings=16,
             projection_size=32,
             bos_token_id=2,
             eos_token_id=1,
             pad_token_id=1,
         ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-        ),
+        vision_config=tower_config(2, image_size=32, patch_size=8),
     )
-    torch.manual_seed(seed)
-    model = transformers.SiglipModel(config)
-    model.set_attn_implementation(attn)
+    model = seeded_model(transformers.SiglipModel, config, seed=seed, attn=attn)
     with torch.no_grad():
         model.logit_scale.fill_(2.3)
         model.logit_bias.fill_(-10.0)

@@ -85,7 +85,7 @@ class CoOp(PromptMethod):
         name_template: str = "{}.",
     ) -> None:
         super().__init__(model, tokenizer)
-        self.prompt_learner = PromptLearner(
+        self.prompt_learner = self.context_learner(
             TextEncoder(model, bucket=True),
             tokenizer,
             classnames,
@@ -99,6 +99,12 @@ class CoOp(PromptMethod):
         )
         self.packed: PackedPrompts | None = None
         self._pack()
+
+    def context_learner(
+        self, text_encoder: TextEncoder, tokenizer: Any, classnames: Sequence[str], **options: Any
+    ) -> PromptLearner:
+        """The ``PromptLearner`` of the prompt options, as given (ProGrad pads its phrase here)."""
+        return PromptLearner(text_encoder, tokenizer, classnames, **options)
 
     def _pack(self) -> None:
         learner = self.prompt_learner

@@ -87,7 +87,36 @@ def deep_text_prompts(learner: PromptLearner, depth: int, init_std: float) -> nn
 class DeepTextPromptMethod(PromptMethod):
     """A method whose text side is a ``prompt_learner`` context plus deep text prompts
     (``deep_text_prompt_list``): MaPLe, PromptSRC. Class features and DOR's outlier words go through both.
+
+    Args:
+        model, tokenizer, classnames, n_ctx, ctx_init, prompt_depth, init_std: the method's; the context
+            is ``phrase_context_learner``'s, ``prompt_depth`` at most ``prompt_layers()``.
     """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        classnames: Sequence[str],
+        n_ctx: int,
+        ctx_init: str | None,
+        prompt_depth: int,
+        init_std: float,
+    ) -> None:
+        super().__init__(model, tokenizer)
+        check_int("n_ctx", n_ctx, minimum=1)
+        check_int("prompt_depth", prompt_depth, minimum=1)
+        layers, which = self.prompt_layers()
+        if prompt_depth > layers:
+            raise fail("prompt_depth", f"at most {layers} ({which})", prompt_depth)
+        self.prompt_learner = phrase_context_learner(
+            model, tokenizer, classnames, n_ctx=n_ctx, ctx_init=ctx_init, init_std=init_std
+        )
+
+    def prompt_layers(self) -> tuple[int, str]:
+        """How many layers ``prompt_depth`` may reach, and which they are (for its error): the text
+        tower's."""
+        return len(self.clip_model.transformer.resblocks), "the text tower's layers"
 
     def deep_text_prompt_list(self) -> list[torch.Tensor]:
         """The deep text prompts, one ``(n, W)`` per text layer ``1 .. depth - 1``."""
@@ -150,18 +179,9 @@ class MaPLe(DeepTextPromptMethod):
         prompt_depth: int = 9,
         init_std: float = 0.02,
     ) -> None:
-        super().__init__(model, tokenizer)
-        check_int("n_ctx", n_ctx, minimum=1)
-        check_int("prompt_depth", prompt_depth, minimum=1)
-        tower = vision_tower(model)
-        layers = min(len(tower.transformer.resblocks), len(model.transformer.resblocks))
-        if prompt_depth > layers:
-            raise fail("prompt_depth", f"at most {layers} (the layers of the shallower tower)", prompt_depth)
-        self.prompt_learner = phrase_context_learner(
-            model, tokenizer, classnames, n_ctx=n_ctx, ctx_init=ctx_init, init_std=init_std
-        )
+        super().__init__(model, tokenizer, classnames, n_ctx, ctx_init, prompt_depth, init_std)
         text_width = self.prompt_learner.ctx_dim
-        vision_width = tower.class_embedding.shape[-1]
+        vision_width = vision_tower(model).class_embedding.shape[-1]
         device = self.prompt_learner.ctx.device
         self.proj = nn.Linear(text_width, vision_width).to(device)
         self.compound_prompts_text = deep_text_prompts(self.prompt_learner, prompt_depth, init_std)
@@ -169,6 +189,11 @@ class MaPLe(DeepTextPromptMethod):
         self.compound_prompt_projections = nn.ModuleList(
             [copy.deepcopy(coupling) for _ in range(prompt_depth - 1)]
         )
+
+    def prompt_layers(self) -> tuple[int, str]:
+        tower = vision_tower(self.clip_model)
+        layers = min(len(tower.transformer.resblocks), len(self.clip_model.transformer.resblocks))
+        return layers, "the layers of the shallower tower"
 
     def deep_text_prompt_list(self) -> list[torch.Tensor]:
         return list(self.compound_prompts_text)

@@ -53,29 +53,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcal._checks import fail
+from fastcal.data.protocols import BASE_TO_NEW_DATASETS, DOMAIN_GENERALIZATION_TARGETS
+from fastcal.data.templates import HARD_PROMPTS
 from fastcal.methods.base import MethodSpec
 from fastcal.methods.coop import PROMPT_OPTIONS, CoOp
 from fastcal.methods.objectives import RegularizerSetup, StepBatch, TrainingHook
+from fastcal.methods.prompt_learner import PromptLearner
+from fastcal.models.text_encoder import TextEncoder
 
 TEMPERATURE = 1.0
 PROGRAD_LAMBDA = 1.0
-# ProGrad.public/trainers/prograd.py CUSTOM_TEMPLATES, by fastcal dataset name.
+# ProGrad.public/trainers/prograd.py CUSTOM_TEMPLATES, by fastcal dataset name: CoOp's hand-crafted
+# prompts but on five datasets.
 TEMPLATES = {
+    **{name: HARD_PROMPTS[name] for name in (*BASE_TO_NEW_DATASETS, *DOMAIN_GENERALIZATION_TARGETS)},
     "oxford_pets": "a type of pet, a photo of a {}.",
     "oxford_flowers": "a type of flower, a photo of a {}.",
     "fgvc_aircraft": "a type of aircraft, a photo of a {}.",
     "dtd": "a texture of {}.",
-    "eurosat": "a centered satellite photo of {}.",
-    "stanford_cars": "a photo of a {}.",
     "food101": "a type of food, a photo of {}.",
-    "sun397": "a photo of a {}.",
-    "caltech101": "a photo of a {}.",
-    "ucf101": "a photo of a person doing {}.",
-    "imagenet": "a photo of a {}.",
-    "imagenet_sketch": "a photo of a {}.",
-    "imagenet_v2": "a photo of a {}.",
-    "imagenet_a": "a photo of a {}.",
-    "imagenet_r": "a photo of a {}.",
 }
 
 RECIPE = {
@@ -109,43 +105,43 @@ class ProGrad(CoOp):
     """CoOp whose context starts from ProGrad's padded template phrase (module docstring).
 
     Args: as ``CoOp``; with ``ctx_init`` of ``m <= n_ctx`` words the context has ``n_ctx`` tokens, the
-    first ``n_ctx - m`` zero.
+    first ``n_ctx - m`` zero, and ``n_learned`` is ``n_ctx``.
     """
 
     method_name = "prograd"
 
-    def __init__(
+    def context_learner(
         self,
-        model: nn.Module,
+        text_encoder: TextEncoder,
         tokenizer: Any,
         classnames: Sequence[str],
         *,
-        n_ctx: int = 16,
-        ctx_init: str | None = None,
-        class_specific: bool = False,
-        class_token_position: str = "end",
-        init_std: float = 0.02,
-    ) -> None:
+        n_ctx: int,
+        ctx_init: str | None,
+        n_learned: int | None,
+        **options: Any,
+    ) -> PromptLearner:
         padding = 0
         if ctx_init:
             words = len(ctx_init.split(" "))
             if words > n_ctx:
                 raise fail("ctx_init", f"a phrase of at most n_ctx={n_ctx} words", repr(ctx_init))
-            padding = n_ctx - words
+            if n_learned is not None:
+                raise fail("n_learned", "None (ProGrad learns its padded phrase's n_ctx tokens)", n_learned)
+            padding, n_learned = n_ctx - words, n_ctx
             ctx_init = " ".join(["X"] * padding + [ctx_init])
-        super().__init__(
-            model,
+        learner = super().context_learner(
+            text_encoder,
             tokenizer,
             classnames,
             n_ctx=n_ctx,
-            ctx_init=ctx_init or None,
-            class_specific=class_specific,
-            class_token_position=class_token_position,
-            init_std=init_std,
-            n_learned=n_ctx if ctx_init else None,
+            ctx_init=ctx_init,
+            n_learned=n_learned,
+            **options,
         )
         with torch.no_grad():
-            self.prompt_learner.ctx[..., :padding, :] = 0.0
+            learner.ctx[..., :padding, :] = 0.0
+        return learner
 
 
 def distillation_cross_entropy(

@@ -51,9 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcal._checks import check_int, fail
+from fastcal._checks import fail
 from fastcal.methods.base import MethodOutput, MethodSpec, clip_logits
-from fastcal.methods.maple import DeepTextPromptMethod, deep_text_prompts, phrase_context_learner
+from fastcal.methods.maple import DeepTextPromptMethod, deep_text_prompts
 from fastcal.methods.objectives import RegularizerSetup, StatelessRegularizer, StepBatch, TrainingHook
 from fastcal.models.vision_prompts import DeepVisualPrompts
 
@@ -149,15 +149,7 @@ class PromptSRC(DeepTextPromptMethod):
         vision_depth: int = 9,
         init_std: float = 0.02,
     ) -> None:
-        super().__init__(model, tokenizer)
-        check_int("n_ctx", n_ctx, minimum=1)
-        check_int("prompt_depth", prompt_depth, minimum=1)
-        text_layers = len(model.transformer.resblocks)
-        if prompt_depth > text_layers:
-            raise fail("prompt_depth", f"at most {text_layers} (the text tower's layers)", prompt_depth)
-        self.prompt_learner = phrase_context_learner(
-            model, tokenizer, classnames, n_ctx=n_ctx, ctx_init=ctx_init, init_std=init_std
-        )
+        super().__init__(model, tokenizer, classnames, n_ctx, ctx_init, prompt_depth, init_std)
         self.deep_text_prompts = deep_text_prompts(self.prompt_learner, prompt_depth, init_std)
         self.visual_prompts = DeepVisualPrompts(
             model, n_tokens=n_ctx_vision, depth=vision_depth, init_std=init_std

@@ -50,6 +50,7 @@ from open_clip.transformer import QuickGELU
 from torch import nn
 
 from fastcal._checks import check_int, fail
+from fastcal.data.templates import HARD_PROMPTS
 from fastcal.methods.base import MethodSpec
 from fastcal.methods.coop import CoOp
 from fastcal.methods.objectives import KnowledgeGuidance, StepBatch
@@ -59,7 +60,7 @@ CLASS_TEMPLATE = "a photo of a {}."
 KGCOOP_WEIGHT = 8.0
 INJECT_LAYER = 8
 # trainers/tcp.py, by fastcal dataset name: CUSTOM_TEMPLATES as the text after the 4-token context,
-# CUSTOM_TEMPLATES_ori as the class-knowledge prompt.
+# CUSTOM_TEMPLATES_ori as the class-knowledge prompt (CoOp's hand-crafted prompts but on three datasets).
 NAME_TEMPLATES = {
     "oxford_pets": "{}, a type of pet.",
     "oxford_flowers": "{}, a type of flower.",
@@ -78,21 +79,10 @@ NAME_TEMPLATES = {
     "imagenet_r": "{}.",
 }
 CLASS_TEMPLATES = {
-    "oxford_pets": "a photo of a {}, a type of pet.",
-    "oxford_flowers": "a photo of a {}, a type of flower.",
+    **{name: HARD_PROMPTS[name] for name in NAME_TEMPLATES},
     "fgvc_aircraft": "a photo of an aircraft {}.",
     "dtd": "a photo of a {}, a type of texture.",
-    "eurosat": "a centered satellite photo of {}.",
-    "stanford_cars": "a photo of a {}.",
     "food101": "a photo of a {}, a type of food.",
-    "sun397": "a photo of a {}.",
-    "caltech101": "a photo of a {}.",
-    "ucf101": "a photo of a person doing {}.",
-    "imagenet": "a photo of a {}.",
-    "imagenet_sketch": "a photo of a {}.",
-    "imagenet_v2": "a photo of a {}.",
-    "imagenet_a": "a photo of a {}.",
-    "imagenet_r": "a photo of a {}.",
 }
 
 RECIPE = {
