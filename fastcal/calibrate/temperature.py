@@ -19,7 +19,7 @@ bound is returned. Known failures this avoids: a float32 finite-difference fit t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -33,12 +33,33 @@ _MAX_ITERATIONS = 200
 _TOLERANCE = 1e-12  # on log T
 
 
-def _gradient_and_curvature(centered: torch.Tensor, target: torch.Tensor, s: float) -> tuple[float, float]:
-    """g(s) = mean_i (E_p[z_i] - z_i,y) and g'(s) = mean_i Var_p(z_i) with p = softmax(s z_i)."""
-    p = torch.softmax(centered * s, dim=1)
-    mean = (p * centered).sum(dim=1)
-    variance = (p * (centered - mean[:, None]).square()).sum(dim=1)
-    return float((mean - target).mean()), float(variance.mean())
+# Rows per block of a derivatives' pass: its float64 temporaries stay within the CPU's cache, and the
+# logits are never copied whole.
+_BLOCK_ELEMENTS = 1 << 17
+
+
+def _centered_blocks(logits: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, float64 rows minus their mean)`` of ``logits`` in blocks (softmax and g are
+    invariant to a per-row shift)."""
+    rows = max(1, _BLOCK_ELEMENTS // logits.shape[1])
+    for start in range(0, logits.shape[0], rows):
+        z = logits[start : start + rows].to(torch.float64)
+        yield start, z - z.mean(dim=1, keepdim=True)
+
+
+def _gradient_and_curvature(logits: torch.Tensor, target: torch.Tensor, s: float) -> tuple[float, float]:
+    """g(s) = mean_i (E_p[z_i] - z_i,y) and g'(s) = mean_i Var_p(z_i) with p = softmax(s z_i), ``target``
+    the centered logits of the labels."""
+    sums = torch.zeros(2, dtype=torch.float64, device=logits.device)
+    for start, z in _centered_blocks(logits):
+        scaled = z * s
+        p = torch.softmax(scaled, dim=1)
+        mean = torch.linalg.vecdot(p, z)
+        sums[0] += (mean - target[start : start + len(z)]).sum()
+        spread = torch.sub(z, mean[:, None], out=scaled).square_()
+        sums[1] += torch.linalg.vecdot(p, spread).sum()
+    gradient, curvature = (sums / logits.shape[0]).tolist()
+    return gradient, curvature
 
 
 def fit_temperature(
@@ -66,9 +87,12 @@ def fit_temperature(
             "log-probabilities, or assume_logits=True if these really are logits)",
             "rows that are probabilities (entries in [0, 1] summing to 1)",
         )
-    z = logits.detach().to(torch.float64)
-    z = z - z.mean(dim=1, keepdim=True)  # softmax and g are invariant to a per-row shift
-    target = z.gather(1, labels.detach().long().to(z.device)[:, None]).squeeze(1)
+    z = logits.detach()
+    index = labels.detach().long().to(z.device)[:, None]
+    target = torch.cat(
+        [block.gather(1, index[start : start + len(block)]) for start, block in _centered_blocks(z)]
+    )
+    target = target.squeeze(1)
 
     def phi(u: float) -> tuple[float, float]:
         """g(e^{-u}) and its derivative in u; g decreases in u and vanishes at the optimum."""

@@ -63,9 +63,23 @@ def _cell(row: dict[str, Any], group: str, key: str) -> str:
     return text
 
 
+def _after_cell(row: dict[str, Any], key: str) -> str:
+    """The new classes' ECE after a post-hoc calibrator (``notes["new_ece_after"][key]``), with its spread
+    over seeds when there is one."""
+    after = row.get("notes", {}).get("new_ece_after", {})
+    text = _percent(after.get(key))
+    spread = after.get("spread", {}).get(key)
+    return text if spread is None else f"{text}±{100 * spread:.1f}"
+
+
+# (column title, notes["new_ece_after"] key) of the rows that report post-hoc calibration of new classes
+AFTER_COLUMNS = (("new ECE +TS", "ts"), ("new ECE +DAC", "dac"))
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Rows grouped by section; per section: method, then accuracy and ECE (%) per group, and HM. Rows
-    over several seeds show mean±std; a footnote explains the marks."""
+    """Rows grouped by section; per section: method, then accuracy and ECE (%) per group, HM, and where
+    rows have them the new classes' ECE after TS and after DAC. Rows over several seeds show mean±std; a
+    footnote explains the marks."""
     sections: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         sections.setdefault(row["section"], []).append(row)
@@ -75,7 +89,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         for row in section_rows:
             groups.extend(g for g in row["metrics"] if g not in groups)
         with_hm = "base" in groups and "new" in groups
+        with_after = any("new_ece_after" in row.get("notes", {}) for row in section_rows)
         header = ["method", *(f"{g} {m}" for g in groups for m in ("acc", "ECE"))] + ["HM"] * with_hm
+        header += [title for title, _ in AFTER_COLUMNS] * with_after
         table = [header]
         for row in section_rows:
             label = row["method"]
@@ -85,7 +101,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             cells = [label]
             for g in groups:
                 cells += [_cell(row, g, "accuracy"), _cell(row, g, "ece")]
-            table.append(cells + [_percent(row.get("hm_accuracy"))] * with_hm)
+            cells += [_percent(row.get("hm_accuracy"))] * with_hm
+            table.append(cells + [_after_cell(row, key) for _, key in AFTER_COLUMNS] * with_after)
         widths = [max(len(cells[i]) for cells in table) for i in range(len(header))]
         lines = [
             "  ".join(
@@ -98,6 +115,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             lines.append(
                 f"(mean±std over seeds {', '.join(map(str, seeds))}; *: off the row it improves on by more "
                 "than both standard deviations together)"
+            )
+        if with_after:
+            lines.append(
+                "(new ECE +TS / +DAC: the new classes' ECE after temperature scaling / DAC fitted on the "
+                "base classes' few-shot validation predictions)"
             )
         blocks.append("\n".join([f"== {section} ==", lines[0], "-" * len(lines[0]), *lines[1:]]))
     return "\n\n".join(blocks)

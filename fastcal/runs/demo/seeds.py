@@ -116,8 +116,8 @@ def _spread(values: list[float]) -> float:
 
 def aggregate_rows(runs: list[list[dict[str, Any]]], seeds: Sequence[int]) -> list[dict[str, Any]]:
     """The rows of several seeds' runs (each a list of rows, in the same order) as one row per method:
-    mean accuracy and ECE per group, their spread, and the marks against ``IMPROVES_ON`` (module
-    docstring)."""
+    mean accuracy and ECE per group, their spread, the marks against ``IMPROVES_ON`` (module docstring),
+    and the mean and spread of the new classes' ECE after TS and after DAC where the rows have them."""
     rows: list[dict[str, Any]] = []
     for seeded in zip(*runs, strict=True):
         first = seeded[0]
@@ -137,6 +137,15 @@ def aggregate_rows(runs: list[list[dict[str, Any]]], seeds: Sequence[int]) -> li
                 for r in seeded
             ],
         }
+        after = [r["notes"]["new_ece_after"] for r in seeded if "new_ece_after" in r.get("notes", {})]
+        if len(after) == len(seeded):
+            values = {key: [a[key] for a in after] for key in ("ts", "dac")}
+            values = {k: v for k, v in values.items() if None not in v}  # skipped (the notes say why)
+            notes["new_ece_after"] = {
+                **after[0],
+                **{k: sum(v) / len(v) for k, v in values.items()},
+                "spread": {k: _spread(v) for k, v in values.items()},
+            }
         labels = {key: first[key] for key in ("stage", "section", "method")}
         rows.append({**labels, "metrics": metrics, "notes": notes})
     if len(seeds) < 2:  # one seed has no spread to tell noise by

@@ -46,6 +46,32 @@ def test_mean_spread_and_marks_against_the_row_improved_on():
     assert "mean±std over seeds 1, 2, 3" in text
 
 
+def test_the_new_class_ece_after_ts_and_dac_is_averaged_and_printed():
+    def seed_row(ts, dac):
+        after = {"ts": ts, "dac": dac, "fit_split": "val"}
+        if dac is None:
+            after["dac_skipped"] = "no class text features"
+        return {**row("CoOp", (0.8, 0.1), (0.7, 0.2)), "notes": {"new_ece_after": after}}
+
+    (coop,) = aggregate_rows(
+        [[seed_row(0.06, 0.05)], [seed_row(0.08, 0.04)], [seed_row(0.07, 0.06)]], (1, 2, 3)
+    )
+    after = coop["notes"]["new_ece_after"]
+    assert after["ts"] == pytest.approx(0.07) and after["dac"] == pytest.approx(0.05)
+    assert after["spread"] == {"ts": pytest.approx(0.01), "dac": pytest.approx(0.01)}
+    assert after["fit_split"] == "val"
+    text = format_table([check_row("coop", coop)])
+    assert "new ECE +TS" in text.splitlines()[1] and "new ECE +DAC" in text.splitlines()[1]
+    assert next(x for x in text.splitlines() if x.startswith("CoOp")).endswith("7.0±1.0       5.0±1.0")
+
+    (cocoop,) = aggregate_rows([[seed_row(0.06, None)], [seed_row(0.08, None)]], (1, 2))
+    after = cocoop["notes"]["new_ece_after"]
+    assert "dac" not in after["spread"] and after["dac_skipped"] == "no class text features"
+    assert next(
+        x for x in format_table([check_row("cocoop", cocoop)]).splitlines() if x.startswith("CoOp")
+    ).endswith(" -")
+
+
 def test_a_stage_that_did_not_run_stays_one_row():
     skipped = {
         "stage": "coop_dor",
