@@ -23,8 +23,9 @@ temperature_only=False; netcal has no matrix scaling) on the same synthetic data
 bias), the last 10% held out. fastcal fits the float32 logits (vector scaling: their log-softmax, where
 netcal's definition coincides), netcal the float64 softmax probabilities (its API takes probabilities;
 float32 would make its TS the identity, its issue #61). Each fit runs once in a fresh subprocess, which
-also reports its peak memory and the held-out ECE after the fit. Results go to
-bench/results/metrics_posthoc.json.
+also reports its peak memory and the held-out ECE after the fit; glibc's allocator keeps its defaults
+there (a user's setting: returning every freed block to the kernel would time page faults, not fits).
+Results go to bench/results/metrics_posthoc.json.
 
     .venv/bin/python bench/metrics.py --posthoc                       # 10^6 x 1,000
     .venv/bin/python bench/metrics.py --posthoc --posthoc-samples 100000 --posthoc-calibrators ts,isotonic
@@ -204,7 +205,9 @@ def posthoc(args, env) -> None:
     for name in calibrators:
         row = {"calibrator": name, **size}
         for library in ("fastcal", "netcal") if name in NETCAL else ("fastcal",):
-            row[library] = harness.in_subprocess(posthoc_child, library=library, calibrator=name, **size)
+            row[library] = harness.in_subprocess(
+                posthoc_child, release_freed=False, library=library, calibrator=name, **size
+            )
         if "seconds" in row.get("netcal", {}) and "seconds" in row["fastcal"]:
             row["time_ratio"] = row["netcal"]["seconds"] / row["fastcal"]["seconds"]
         rows.append(row)

@@ -23,6 +23,15 @@ def _describe(x: torch.Tensor) -> str:
     return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    """No entry of the floating tensor ``x`` is NaN or infinite. A NaN or an infinity makes the sum
+    non-finite, so a finite sum decides in one reduction without a temporary of x's size; a non-finite
+    sum (which an overflow of finite entries also gives) is checked entry by entry."""
+    if bool(torch.isfinite(x.sum())):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
 def check_tensor(
     name: str,
     x: Any,
@@ -47,7 +56,7 @@ def check_tensor(
         raise fail(name, "an integer tensor", _describe(x))
     if nonempty and x.numel() == 0:
         raise fail(name, "a non-empty tensor", _describe(x))
-    if finite and x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
+    if finite and x.is_floating_point() and x.numel() and not _all_finite(x):
         n_bad = int((~torch.isfinite(x)).sum())
         raise fail(name, "finite values (no NaN or inf)", f"{n_bad} non-finite entries")
     return x

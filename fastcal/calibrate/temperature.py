@@ -33,31 +33,37 @@ _MAX_ITERATIONS = 200
 _TOLERANCE = 1e-12  # on log T
 
 
-# Rows per block of a derivatives' pass: its float64 temporaries stay within the CPU's cache, and the
-# logits are never copied whole.
+# Rows per block of a derivatives' pass: its float64 work buffers stay within the CPU's cache, are
+# allocated once per pass, and the logits are never copied whole.
 _BLOCK_ELEMENTS = 1 << 17
 
 
 def _centered_blocks(logits: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     """``(first row, float64 rows minus their mean)`` of ``logits`` in blocks (softmax and g are
-    invariant to a per-row shift)."""
-    rows = max(1, _BLOCK_ELEMENTS // logits.shape[1])
+    invariant to a per-row shift). Every block is written into one buffer: a block is valid until the
+    next one is drawn."""
+    rows = min(logits.shape[0], max(1, _BLOCK_ELEMENTS // logits.shape[1]))
+    buffer = torch.empty(rows, logits.shape[1], dtype=torch.float64, device=logits.device)
     for start in range(0, logits.shape[0], rows):
-        z = logits[start : start + rows].to(torch.float64)
-        yield start, z - z.mean(dim=1, keepdim=True)
+        block = logits[start : start + rows]
+        z = buffer[: len(block)].copy_(block)
+        yield start, z.sub_(z.mean(dim=1, keepdim=True))
 
 
 def _gradient_and_curvature(logits: torch.Tensor, target: torch.Tensor, s: float) -> tuple[float, float]:
     """g(s) = mean_i (E_p[z_i] - z_i,y) and g'(s) = mean_i Var_p(z_i) with p = softmax(s z_i), ``target``
     the centered logits of the labels."""
     sums = torch.zeros(2, dtype=torch.float64, device=logits.device)
+    probabilities = work = None
     for start, z in _centered_blocks(logits):
-        scaled = z * s
-        p = torch.softmax(scaled, dim=1)
-        mean = torch.linalg.vecdot(p, z)
+        if probabilities is None:  # the first block is the largest
+            probabilities, work = torch.empty_like(z), torch.empty_like(z)
+        p = torch.mul(z, s, out=probabilities[: len(z)])
+        p.sub_(p.amax(dim=1, keepdim=True)).exp_()
+        p.div_(p.sum(dim=1, keepdim=True))
+        mean = torch.mul(p, z, out=work[: len(z)]).sum(dim=1)
         sums[0] += (mean - target[start : start + len(z)]).sum()
-        spread = torch.sub(z, mean[:, None], out=scaled).square_()
-        sums[1] += torch.linalg.vecdot(p, spread).sum()
+        sums[1] += torch.sub(z, mean[:, None], out=work[: len(z)]).square_().mul_(p).sum()
     gradient, curvature = (sums / logits.shape[0]).tolist()
     return gradient, curvature
 
