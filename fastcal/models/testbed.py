@@ -64,7 +64,7 @@ CAPTION_TEMPLATES = (
     "a {} written in ink.",
     "a low resolution photo of the number {}.",
 )
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: pretrained on one thread
 
 
 @dataclass(frozen=True)
@@ -251,16 +251,27 @@ def _learning_rate(recipe: PretrainRecipe, step: int, total_steps: int) -> float
 def pretrain_testbed(recipe: PretrainRecipe | None = None, *, progress: bool = True) -> nn.Module:
     """Pretrain a testbed CLIP from scratch with ``recipe`` (module docstring); returns it in eval mode.
 
-    Deterministic: the same recipe gives the same weights (in forked random generators, so the
-    caller's torch generator state is left as it was).
+    Deterministic: the same recipe gives the same weights, bit for bit on a given CPU and torch build.
+    It runs in forked random generators (the caller's generator state is left as it was) and on one
+    torch thread whatever the caller's setting: float32 sums split over threads round differently, so
+    a 2-thread process would otherwise pretrain other weights than a 1-thread one, and every number
+    downstream would depend on which process filled the cache.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _pretrain_on_this_thread(recipe or PretrainRecipe(), progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain_on_this_thread(recipe: PretrainRecipe, progress: bool) -> nn.Module:
     import open_clip
     from open_clip.loss import ClipLoss
     from tqdm.auto import tqdm
 
     from fastcal.data.items import prompt_classname
 
-    recipe = recipe or PretrainRecipe()
     register_testbed_config()
     images, labels, classnames = _training_images(recipe)
     num_classes = len(classnames)

@@ -50,6 +50,32 @@ def test_pretraining_is_deterministic_and_leaves_the_global_generator_alone():
     assert not first.training
 
 
+def test_pretraining_runs_on_one_thread_and_restores_the_callers(monkeypatch):
+    """float32 sums split over threads round differently: the weights must not depend on the caller's
+    thread count (a 2-thread process pretraining the full recipe made other weights than a 1-thread one)."""
+    import fastcal.models.testbed as testbed
+
+    seen = []
+    build = testbed.build_testbed_model
+
+    def build_and_record():
+        seen.append(torch.get_num_threads())
+        return build()
+
+    monkeypatch.setattr(testbed, "build_testbed_model", build_and_record)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = pretrain_testbed(SHORT, progress=False)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        one = pretrain_testbed(SHORT, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1, 1]
+    assert_same_weights(one, two)
+
+
 def test_cache_round_trip_and_corruption_retrains(tmp_path, monkeypatch):
     calls = []
     real_pretrain = testbed_module.pretrain_testbed
